@@ -1,0 +1,103 @@
+"""The model interface that every time-stepping scheme is written against."""
+
+import abc
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+from jaxtyping import Array, Float
+
+from ._grid import Grid
+
+
+def is_concrete(x) -> bool:
+    """True when `x` holds values now (not a tracer inside `jit`, `grad` or `vmap`)."""
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(x))
+
+
+class AbstractModel(eqx.Module):
+    """A semi-discretised PDE `du/dt = f(u) = L u + N(u)` on a grid.
+
+    Models are equations; schemes combine their operators. A model provides
+
+    - `linear(u)`: the stiff linear part `L u` (diffusion, hyperdiffusion, drag),
+      treated implicitly by IMEX schemes;
+    - `nonlinear(u)`: everything else `N(u)` (advection, forcing), treated explicitly
+      by IMEX schemes;
+    - `linear_inverse(rhs, eta)`: `(I - eta L)^{-1} rhs`, a structured solve (FFT or
+      DST diagonalisation) where the operator allows;
+    - `preconditioner(rhs, eta)`: a cheap structured approximation of
+      `(I - eta J_f)^{-1}` used by the matrix-free Newton-Krylov solves of fully
+      implicit schemes. It defaults to `linear_inverse`.
+
+    The physical parameters are the model's array fields: a pytree that `jax.grad`
+    differentiates like any other.
+    """
+
+    grid: eqx.AbstractVar[Grid]
+
+    @abc.abstractmethod
+    def linear(self, u: Array) -> Array:
+        """The stiff linear part `L u`."""
+
+    @abc.abstractmethod
+    def nonlinear(self, u: Array) -> Array:
+        """The explicit part `N(u)`."""
+
+    def tendency(self, u: Array) -> Array:
+        """The full right-hand side `f(u) = L u + N(u)`."""
+        return self.linear(u) + self.nonlinear(u)
+
+    def linear_inverse(self, rhs: Array, eta: float | Array) -> Array:
+        """`(I - eta L)^{-1} rhs`.
+
+        The default is a matrix-free GMRES solve (lineax), differentiated by lineax's
+        transpose-solve rule. Models with a diagonalisable `L` override it with an exact
+        structured solve.
+        """
+        structure = jax.eval_shape(lambda: rhs)
+        operator = lx.FunctionLinearOperator(lambda v: v - eta * self.linear(v), structure)
+        preconditioner = lx.FunctionLinearOperator(
+            lambda v: self.preconditioner(v, eta), structure
+        )
+        tol = _tolerance(rhs.dtype) * 1e-2
+        solver = lx.GMRES(rtol=tol, atol=tol, restart=40, max_steps=2000)
+        return lx.linear_solve(
+            operator, rhs, solver, options={"preconditioner": preconditioner}
+        ).value
+
+    def preconditioner(self, rhs: Array, eta: float | Array) -> Array:
+        """A cheap structured approximation of `(I - eta J_f)^{-1} rhs`.
+
+        Used to precondition the Krylov solves (right preconditioning in the Newton
+        solves of fully implicit schemes). It must be linear in `rhs`; models whose
+        `linear_inverse` is an exact structured solve return it here. The default is
+        the identity.
+        """
+        del eta
+        return rhs
+
+    def check_state(self, u) -> Float[Array, "..."]:
+        """Validate a state: array, floating dtype, the grid's shape, finite values.
+
+        Shape and dtype errors raise `ValueError` at trace time; non-finite values
+        raise through `eqx.error_if` (inside `jit` as well).
+        """
+        if not isinstance(u, jax.Array | jnp.ndarray) or not hasattr(u, "shape"):
+            raise TypeError(f"state must be an array, got {type(u).__name__}")
+        if u.shape != self.grid.shape:
+            raise ValueError(
+                f"state has shape {u.shape} but the grid of {type(self).__name__} "
+                f"has shape {self.grid.shape}"
+            )
+        if not jnp.issubdtype(u.dtype, jnp.floating):
+            raise TypeError(f"state must have a floating dtype, got {u.dtype}")
+        return eqx.error_if(
+            u, ~jnp.all(jnp.isfinite(u)), "state contains non-finite values (NaN/inf)"
+        )
+
+
+def _tolerance(dtype) -> float:
+    """Default solve tolerance for a dtype: loose enough to be reachable."""
+    return 1e-11 if jnp.dtype(dtype) == jnp.float64 else 1e-5

@@ -1,0 +1,39 @@
+import abc
+from collections.abc import Callable
+
+import equinox as eqx
+from jaxtyping import Array
+
+from .._model import AbstractModel
+
+
+class AbstractScheme(eqx.Module):
+    """A one-step time-stepping scheme, written once against `AbstractModel`.
+
+    `step(model, u, dt, correction)` advances `u` by `dt` and returns
+    `(u_next, info)`, where `info` is a dict of scalar arrays (e.g. Newton iteration
+    counts). `correction`, when given, is added to the model's tendency: inside the
+    implicit solve for fully implicit schemes, to the explicit part for IMEX schemes.
+    """
+
+    @property
+    @abc.abstractmethod
+    def order(self) -> int:
+        """Order of accuracy in time."""
+
+    @abc.abstractmethod
+    def step(
+        self,
+        model: AbstractModel,
+        u: Array,
+        dt: float | Array,
+        correction: Callable | None = None,
+    ) -> tuple[Array, dict[str, Array]]:
+        """Advance `u` by one step of size `dt`."""
+
+
+def corrected_tendency(model: AbstractModel, correction: Callable | None):
+    """`u -> f(u) + c(u)`."""
+    if correction is None:
+        return model.tendency
+    return lambda u: model.tendency(u) + correction(u)

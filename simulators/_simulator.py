@@ -1,0 +1,80 @@
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ._model import AbstractModel, is_concrete
+from ._schemes.base import AbstractScheme
+
+
+class Simulator(eqx.Module):
+    """A model paired with a scheme, a time step and an optional correction.
+
+    This is the object that assimilation differentiates: its model's array fields are
+    the physical parameters, `correction` (an `eqx.Module` or any callable on the
+    state) is added to the tendency inside the step, so a hybrid physics + ML model is
+    one pytree.
+
+    **Arguments:**
+
+    - `model`: an `AbstractModel`.
+    - `scheme`: an `AbstractScheme`.
+    - `dt`: time step (positive).
+    - `correction`: optional model-error correction `c(u)`.
+    - `checkpoint`: rematerialise each step in the backward pass of `rollout`
+      (`jax.checkpoint`), so the gradient of a rollout stores one state per step and
+      nothing of the solvers' internals.
+    """
+
+    model: AbstractModel
+    scheme: AbstractScheme
+    dt: Float[Array, ""] = eqx.field(converter=jnp.asarray)
+    correction: Callable | None = None
+    checkpoint: bool = eqx.field(static=True, default=True)
+
+    def __check_init__(self):
+        if self.dt.ndim:
+            raise ValueError(f"dt must be a scalar, got shape {self.dt.shape}")
+        if is_concrete(self.dt) and not self.dt > 0:
+            raise ValueError(f"time step dt must be positive, got {float(self.dt)}")
+
+    def step_with_info(self, u: Array) -> tuple[Array, dict[str, Array]]:
+        """One step; returns `(u_next, info)` (e.g. Newton iteration counts)."""
+        u = self.model.check_state(u)
+        return self.scheme.step(self.model, u, self.dt, self.correction)
+
+    def step(self, u: Float[Array, "*grid"]) -> Float[Array, "*grid"]:
+        """Advance the state `u` by one time step `dt`."""
+        return self.step_with_info(u)[0]
+
+    def rollout(
+        self, u0: Float[Array, "*grid"], n_steps: int, *, with_info: bool = False
+    ):
+        """Run `n_steps` steps from `u0`.
+
+        **Returns:** the trajectory, shape `(n_steps + 1, *grid)` with `u0` first;
+        with `with_info=True`, `(trajectory, info)` where each info entry has one
+        value per step. A trajectory that became non-finite raises an error.
+        """
+        if int(n_steps) != n_steps or n_steps < 0:
+            raise ValueError(f"n_steps must be a non-negative integer, got {n_steps}")
+        u0 = self.model.check_state(u0)
+
+        def body(u, _):
+            u_next, info = self.scheme.step(self.model, u, self.dt, self.correction)
+            return u_next, (u_next, info)
+
+        if self.checkpoint:
+            body = jax.checkpoint(body)
+        final, (states, info) = jax.lax.scan(body, u0, None, length=int(n_steps))
+        final = eqx.error_if(
+            final,
+            ~jnp.all(jnp.isfinite(final)),
+            "rollout became non-finite (unstable time step or scheme?)",
+        )
+        trajectory = jnp.concatenate([u0[None], states[:-1], final[None]])
+        if n_steps == 0:
+            trajectory = u0[None]
+        return (trajectory, info) if with_info else trajectory

@@ -1,0 +1,119 @@
+"""Matrix-free Newton-Krylov solves of implicit stages, differentiated implicitly."""
+
+from collections.abc import Callable
+from typing import Literal
+
+import equinox as eqx
+import lineax as lx
+import optimistix as optx
+from jaxtyping import Array, Int
+
+from ._model import AbstractModel, _tolerance
+
+
+def _krylov(kind: str, tol: float, max_steps: int, restart: int):
+    if kind == "gmres":
+        return lx.GMRES(rtol=tol, atol=tol, restart=restart, max_steps=max_steps)
+    return lx.BiCGStab(rtol=tol, atol=tol, max_steps=max_steps)
+
+
+class NewtonKrylov(eqx.Module):
+    """Matrix-free Newton-Krylov solver for an implicit stage `v - eta f(v) = rhs`.
+
+    Right-preconditioned: with `P` the model's structured `preconditioner` (an
+    approximation of `(I - eta J_f)^{-1}`), it solves `F(z) = P z - eta f(P z) - rhs = 0`
+    for `z` with `optimistix.Newton` whose linear solves are lineax Krylov solves on the
+    Jacobian-vector product, and returns `v = P z`. No matrix is formed.
+
+    The gradient comes from the implicit function theorem
+    (`optimistix.ImplicitAdjoint` with a Krylov solver): one matrix-free transpose solve
+    per stage, whatever the number of Newton or Krylov iterations. `adjoint="unrolled"`
+    instead differentiates through the Newton iterations (checkpointed); it exists to
+    verify the implicit gradient and costs memory that grows with the iterations.
+
+    A solve that does not converge raises an error (`throw=True`): a non-converged
+    solve would make the implicit gradient wrong.
+
+    **Arguments:**
+
+    - `rtol`, `atol`: Newton tolerances (Cauchy termination); `None` picks 1e-10 for
+      float64 and 1e-5 for float32.
+    - `max_steps`: maximum Newton iterations.
+    - `krylov`: `"gmres"` or `"bicgstab"`.
+    - `krylov_tol`: tolerance of the inner and adjoint Krylov solves; `None` is a tenth
+      of the Newton tolerance.
+    - `krylov_max_steps`, `restart`: Krylov iteration cap and GMRES restart length.
+    - `adjoint`: `"implicit"` (default) or `"unrolled"`.
+    """
+
+    rtol: float | None = None
+    atol: float | None = None
+    max_steps: int = eqx.field(static=True, default=50)
+    krylov: Literal["gmres", "bicgstab"] = eqx.field(static=True, default="gmres")
+    krylov_tol: float | None = None
+    krylov_max_steps: int = eqx.field(static=True, default=300)
+    restart: int = eqx.field(static=True, default=30)
+    adjoint: Literal["implicit", "unrolled"] = eqx.field(
+        static=True, default="implicit"
+    )
+
+    def __check_init__(self):
+        for name in ("rtol", "atol", "krylov_tol"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"NewtonKrylov.{name} must be positive, got {value}")
+        if self.krylov not in ("gmres", "bicgstab"):
+            raise ValueError(f"krylov must be 'gmres' or 'bicgstab', got {self.krylov}")
+        if self.adjoint not in ("implicit", "unrolled"):
+            raise ValueError(
+                f"adjoint must be 'implicit' or 'unrolled', got {self.adjoint}"
+            )
+
+    def solve(
+        self,
+        model: AbstractModel,
+        correction: Callable | None,
+        rhs: Array,
+        eta: float | Array,
+    ) -> tuple[Array, Int[Array, ""]]:
+        """Solve `v - eta (f(v) + c(v)) = rhs` for `v`.
+
+        **Arguments:**
+
+        - `model`: supplies `tendency` and `preconditioner`.
+        - `correction`: optional callable added to the tendency (learned model error).
+        - `rhs`: right-hand side, the grid's shape.
+        - `eta`: the implicit coefficient (e.g. `theta * dt`).
+
+        **Returns:** `(v, newton_steps)`.
+        """
+        default = _tolerance(rhs.dtype)
+        rtol = default if self.rtol is None else self.rtol
+        atol = default if self.atol is None else self.atol
+        ktol = 0.1 * min(rtol, atol) if self.krylov_tol is None else self.krylov_tol
+        krylov = _krylov(self.krylov, ktol, self.krylov_max_steps, self.restart)
+        solver = optx.Newton(rtol=rtol, atol=atol, linear_solver=krylov)
+        if self.adjoint == "implicit":
+            adjoint = optx.ImplicitAdjoint(linear_solver=krylov)
+        else:
+            adjoint = optx.RecursiveCheckpointAdjoint()
+        sol = optx.root_find(
+            _stage_residual,
+            solver,
+            rhs,
+            args=(model, correction, rhs, eta),
+            max_steps=self.max_steps,
+            adjoint=adjoint,
+            throw=True,
+        )
+        return model.preconditioner(sol.value, eta), sol.stats["num_steps"]
+
+
+def _stage_residual(z, args):
+    model, correction, rhs, eta = args
+    v = model.preconditioner(z, eta)
+    f = model.tendency(v)
+    if correction is not None:
+        f = f + correction(v)
+    return v - eta * f - rhs
+
