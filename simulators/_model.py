@@ -58,8 +58,10 @@ class AbstractModel(eqx.Module):
         """
         structure = jax.eval_shape(lambda: rhs)
         operator = lx.FunctionLinearOperator(lambda v: v - eta * self.linear(v), structure)
+        # The preconditioner changes the iterates, not the solution: no tangents.
+        frozen, frozen_eta = jax.lax.stop_gradient((self, eta))
         preconditioner = lx.FunctionLinearOperator(
-            lambda v: self.preconditioner(v, eta), structure
+            lambda v: frozen.preconditioner(v, frozen_eta), structure
         )
         tol = _tolerance(rhs.dtype) * 1e-2
         solver = lx.GMRES(rtol=tol, atol=tol, restart=40, max_steps=2000)

@@ -1,0 +1,99 @@
+"""Shared test helpers: tree comparisons, the model/scheme lists, Taylor tests."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import simulators as sim
+
+# Tight solver settings for gradient checks in float64: Krylov solves accurate to
+# ~1e-13 so that forward (JVP) and reverse (VJP) solves agree to ~1e-12.
+TIGHT = sim.NewtonKrylov(rtol=1e-12, atol=1e-12, krylov_tol=1e-13)
+
+
+def tree_allclose(x, y, *, rtol=1e-10, atol=1e-12) -> bool:
+    """Array leaves of `x` and `y` agree (static fields are not compared)."""
+    lx, ly = jax.tree.leaves(eqx.filter(x, eqx.is_array)), jax.tree.leaves(
+        eqx.filter(y, eqx.is_array)
+    )
+    return len(lx) == len(ly) and all(
+        a.shape == b.shape and np.allclose(a, b, rtol=rtol, atol=atol)
+        for a, b in zip(lx, ly, strict=True)
+    )
+
+
+def smooth_state(grid: sim.Grid, seed: int = 0, modes: int = 3) -> jax.Array:
+    """A smooth random state on `grid` (a few low Fourier / sine modes)."""
+    rng = np.random.default_rng(seed)
+    out = 0.0
+    mesh = grid.mesh()
+    for _ in range(modes):
+        term = 1.0
+        for x, length in zip(mesh, grid.length, strict=True):
+            k = rng.integers(1, 3)
+            if grid.boundary == "dirichlet":
+                term = term * jnp.sin(np.pi * k * x / length)
+            else:
+                term = term * jnp.sin(2 * np.pi * k * x / length + rng.uniform(0, 6))
+        out = out + rng.normal() * term
+    return jnp.asarray(out, dtype=jnp.float64)
+
+
+def cases():
+    """(id, simulator) pairs: every model with the schemes it is used with."""
+    g1p = sim.Grid((16,), (1.0,))
+    g1d = sim.Grid((15,), (1.0,), "dirichlet")
+    g2p = sim.Grid((8, 8), (1.0, 1.0))
+    g2d = sim.Grid((7, 9), (1.0, 1.2), "dirichlet")
+    kappa1 = 0.02 * (1.5 + jnp.sin(2 * np.pi * g1d.mesh()[0]))
+    kappa2 = 0.02 * (1.5 + jnp.cos(2 * np.pi * g2p.mesh()[1]))
+    be, cn = sim.backward_euler(TIGHT), sim.crank_nicolson(TIGHT)
+    mid = sim.ImplicitMidpoint(TIGHT)
+    imex = sim.IMEXRungeKutta("ars222")
+    return [
+        ("ad1d-dirichlet-cn", sim.Simulator(sim.AdvectionDiffusion(g1d, kappa1, [0.3]), cn, 0.05)),
+        ("ad2d-periodic-be", sim.Simulator(sim.AdvectionDiffusion(g2p, kappa2, [0.2, -0.1]), be, 0.05)),
+        ("ad2d-periodic-imex", sim.Simulator(sim.AdvectionDiffusion(g2p, kappa2, [0.2, -0.1]), imex, 0.05)),
+        ("burgers1d-periodic-cn", sim.Simulator(sim.Burgers(g1p, 0.02), cn, 0.05)),
+        ("burgers2d-dirichlet-be", sim.Simulator(sim.Burgers(g2d, 0.02), be, 0.05)),
+        ("burgers2d-periodic-imex", sim.Simulator(sim.Burgers(g2p, 0.02), imex, 0.02)),
+        ("ks-imex", sim.Simulator(sim.KuramotoSivashinsky(sim.Grid((32,), (8 * np.pi,))), imex, 0.1)),
+        ("ks-cn", sim.Simulator(sim.KuramotoSivashinsky(sim.Grid((32,), (8 * np.pi,))), cn, 0.1)),
+        ("l96-midpoint", sim.Simulator(sim.Lorenz96(8), mid, 0.02)),
+        ("l96-rk4", sim.Simulator(sim.Lorenz96(8), sim.RK4(), 0.02)),
+        ("ns-imex", sim.Simulator(sim.NavierStokes2D(8, nu=0.05), imex, 0.05)),
+        ("ns-be", sim.Simulator(sim.NavierStokes2D(8, nu=0.05), be, 0.05)),
+    ]
+
+
+def taylor_remainders(loss, x, direction, hs):
+    """First- and second-order Taylor remainders of `loss` at `x` along `direction`.
+
+    `r1(h) = |L(x + h d) - L(x)|` decays like h; `r2(h) = |L(x + h d) - L(x) -
+    h <grad L, d>|` decays like h^2 when the gradient is right.
+    """
+    l0, g = jax.value_and_grad(loss)(x)
+    slope = sum(
+        jnp.vdot(a, b)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(direction), strict=True)
+    )
+    r1, r2 = [], []
+    for h in hs:
+        xh = jax.tree.map(lambda a, d: a + h * d, x, direction)
+        lh = loss(xh)
+        r1.append(abs(float(lh - l0)))
+        r2.append(abs(float(lh - l0 - h * slope)))
+    return np.array(r1), np.array(r2)
+
+
+def observed_orders(hs, errors) -> np.ndarray:
+    """Successive convergence rates log(e_i / e_{i+1}) / log(h_i / h_{i+1})."""
+    hs, errors = np.asarray(hs), np.asarray(errors)
+    return np.log(errors[:-1] / errors[1:]) / np.log(hs[:-1] / hs[1:])
+
+
+def finite_difference(fn, x, direction, scale=1.0):
+    """Central difference of `fn` along `direction`, eps = sqrt(machine eps) x scale."""
+    eps = float(np.sqrt(np.finfo(np.float64).eps)) * scale
+    return (fn(x + eps * direction) - fn(x - eps * direction)) / (2 * eps)
