@@ -86,7 +86,7 @@ class Grid(eqx.Module):
 
     # ---------------------------------------------------------------- spectral
     def wavenumbers(self) -> tuple[Array, ...]:
-        """Angular wavenumbers of `rfftn` over the grid, broadcastable (periodic only)."""
+        """Angular wavenumbers of `rfftn` on the grid, broadcastable (periodic only)."""
         if self.boundary != "periodic":
             raise ValueError("wavenumbers are defined for periodic grids only")
         ks = []
@@ -153,10 +153,14 @@ class Grid(eqx.Module):
                 + jnp.take(kp, jnp.arange(1, n + 2), axis=axis)
             )
             flux = k_face * (right - left) / dx
-            out = out + (
-                jnp.take(flux, jnp.arange(1, n + 1), axis=axis)
-                - jnp.take(flux, jnp.arange(0, n), axis=axis)
-            ) / dx
+            out = (
+                out
+                + (
+                    jnp.take(flux, jnp.arange(1, n + 1), axis=axis)
+                    - jnp.take(flux, jnp.arange(0, n), axis=axis)
+                )
+                / dx
+            )
         return out
 
     def laplacian(self, u: Array) -> Array:

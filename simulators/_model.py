@@ -57,7 +57,9 @@ class AbstractModel(eqx.Module):
         structured solve.
         """
         structure = jax.eval_shape(lambda: rhs)
-        operator = lx.FunctionLinearOperator(lambda v: v - eta * self.linear(v), structure)
+        operator = lx.FunctionLinearOperator(
+            lambda v: v - eta * self.linear(v), structure
+        )
         # The preconditioner changes the iterates, not the solution: no tangents.
         frozen, frozen_eta = jax.lax.stop_gradient((self, eta))
         preconditioner = lx.FunctionLinearOperator(

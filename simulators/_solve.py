@@ -21,7 +21,8 @@ class NewtonKrylov(eqx.Module):
     """Matrix-free Newton-Krylov solver for an implicit stage `v - eta f(v) = rhs`.
 
     Right-preconditioned: with `P` the model's structured `preconditioner` (an
-    approximation of `(I - eta J_f)^{-1}`), it solves `F(z) = P z - eta f(P z) - rhs = 0`
+    approximation of `(I - eta J_f)^{-1}`), it solves
+    `F(z) = P z - eta f(P z) - rhs = 0`
     for `z` with `optimistix.Newton` whose linear solves are lineax Krylov solves on the
     Jacobian-vector product, and returns `v = P z`. No matrix is formed.
 
@@ -116,4 +117,3 @@ def _stage_residual(z, args):
     if correction is not None:
         f = f + correction(v)
     return v - eta * f - rhs
-

@@ -14,8 +14,9 @@ TIGHT = sim.NewtonKrylov(rtol=1e-12, atol=1e-12, krylov_tol=1e-13)
 
 def tree_allclose(x, y, *, rtol=1e-10, atol=1e-12) -> bool:
     """Array leaves of `x` and `y` agree (static fields are not compared)."""
-    lx, ly = jax.tree.leaves(eqx.filter(x, eqx.is_array)), jax.tree.leaves(
-        eqx.filter(y, eqx.is_array)
+    lx, ly = (
+        jax.tree.leaves(eqx.filter(x, eqx.is_array)),
+        jax.tree.leaves(eqx.filter(y, eqx.is_array)),
     )
     return len(lx) == len(ly) and all(
         a.shape == b.shape and np.allclose(a, b, rtol=rtol, atol=atol)
@@ -52,14 +53,33 @@ def cases():
     mid = sim.ImplicitMidpoint(TIGHT)
     imex = sim.IMEXRungeKutta("ars222")
     return [
-        ("ad1d-dirichlet-cn", sim.Simulator(sim.AdvectionDiffusion(g1d, kappa1, [0.3]), cn, 0.05)),
-        ("ad2d-periodic-be", sim.Simulator(sim.AdvectionDiffusion(g2p, kappa2, [0.2, -0.1]), be, 0.05)),
-        ("ad2d-periodic-imex", sim.Simulator(sim.AdvectionDiffusion(g2p, kappa2, [0.2, -0.1]), imex, 0.05)),
+        (
+            "ad1d-dirichlet-cn",
+            sim.Simulator(sim.AdvectionDiffusion(g1d, kappa1, [0.3]), cn, 0.05),
+        ),
+        (
+            "ad2d-periodic-be",
+            sim.Simulator(sim.AdvectionDiffusion(g2p, kappa2, [0.2, -0.1]), be, 0.05),
+        ),
+        (
+            "ad2d-periodic-imex",
+            sim.Simulator(sim.AdvectionDiffusion(g2p, kappa2, [0.2, -0.1]), imex, 0.05),
+        ),
         ("burgers1d-periodic-cn", sim.Simulator(sim.Burgers(g1p, 0.02), cn, 0.05)),
         ("burgers2d-dirichlet-be", sim.Simulator(sim.Burgers(g2d, 0.02), be, 0.05)),
         ("burgers2d-periodic-imex", sim.Simulator(sim.Burgers(g2p, 0.02), imex, 0.02)),
-        ("ks-imex", sim.Simulator(sim.KuramotoSivashinsky(sim.Grid((32,), (8 * np.pi,))), imex, 0.1)),
-        ("ks-cn", sim.Simulator(sim.KuramotoSivashinsky(sim.Grid((32,), (8 * np.pi,))), cn, 0.1)),
+        (
+            "ks-imex",
+            sim.Simulator(
+                sim.KuramotoSivashinsky(sim.Grid((32,), (8 * np.pi,))), imex, 0.1
+            ),
+        ),
+        (
+            "ks-cn",
+            sim.Simulator(
+                sim.KuramotoSivashinsky(sim.Grid((32,), (8 * np.pi,))), cn, 0.1
+            ),
+        ),
         ("l96-midpoint", sim.Simulator(sim.Lorenz96(8), mid, 0.02)),
         ("l96-rk4", sim.Simulator(sim.Lorenz96(8), sim.RK4(), 0.02)),
         ("ns-imex", sim.Simulator(sim.NavierStokes2D(8, nu=0.05), imex, 0.05)),
@@ -80,7 +100,7 @@ def taylor_remainders(loss, x, direction, hs):
     )
     r1, r2 = [], []
     for h in hs:
-        xh = jax.tree.map(lambda a, d: a + h * d, x, direction)
+        xh = jax.tree.map(lambda a, d, h=h: a + h * d, x, direction)
         lh = loss(xh)
         r1.append(abs(float(lh - l0)))
         r2.append(abs(float(lh - l0 - h * slope)))

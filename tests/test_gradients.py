@@ -26,7 +26,8 @@ def _random_like(tree, key):
     leaves, treedef = jax.tree.flatten(tree)
     keys = jr.split(key, len(leaves))
     return jax.tree.unflatten(
-        treedef, [jr.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+        treedef,
+        [jr.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)],
     )
 
 

@@ -37,9 +37,7 @@ class Burgers(AbstractModel):
 
     def nonlinear(self, u):
         flux = 0.5 * u**2
-        return -sum(
-            self.grid.gradient(flux, axis=a) for a in range(-self.grid.ndim, 0)
-        )
+        return -sum(self.grid.gradient(flux, axis=a) for a in range(-self.grid.ndim, 0))
 
     def linear_inverse(self, rhs, eta):
         symbol = 1 - eta * self.nu * self.grid.laplacian_eigenvalues()

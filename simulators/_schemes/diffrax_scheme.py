@@ -16,9 +16,9 @@ class DiffraxScheme(AbstractScheme):
 
     **Arguments:**
 
-    - `solver`: a diffrax solver. Implicit ones need explicit root-finder tolerances,
-      e.g. `diffrax.Kvaerno5(root_finder=diffrax.VeryChord(rtol=1e-8, atol=1e-8))`,
-      since a constant step size carries none.
+    - `solver`: a diffrax solver. Implicit ones need a root finder with explicit
+      tolerances, since a constant step size carries none, e.g.
+      `diffrax.Kvaerno5(root_finder=optimistix.Newton(rtol=1e-8, atol=1e-8))`.
     - `order_`: the solver's order (diffrax solvers report it through `order(terms)`).
     - `max_state_size`: the largest state accepted.
     """

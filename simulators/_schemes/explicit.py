@@ -16,6 +16,4 @@ class RK4(AbstractScheme):
         k2 = f(u + 0.5 * dt * k1)
         k3 = f(u + 0.5 * dt * k2)
         k4 = f(u + dt * k3)
-        return u + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4), {
-            "newton_steps": jnp.array(0)
-        }
+        return u + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4), {"newton_steps": jnp.array(0)}

@@ -41,14 +41,14 @@ class ThetaMethod(AbstractScheme):
         return u_next, {"newton_steps": steps}
 
 
-def backward_euler(solver: NewtonKrylov = NewtonKrylov()) -> ThetaMethod:
+def backward_euler(solver: NewtonKrylov | None = None) -> ThetaMethod:
     """Backward (implicit) Euler: `ThetaMethod(theta=1)`."""
-    return ThetaMethod(theta=1.0, solver=solver)
+    return ThetaMethod(theta=1.0, solver=solver or NewtonKrylov())
 
 
-def crank_nicolson(solver: NewtonKrylov = NewtonKrylov()) -> ThetaMethod:
+def crank_nicolson(solver: NewtonKrylov | None = None) -> ThetaMethod:
     """Crank-Nicolson (trapezoidal rule): `ThetaMethod(theta=1/2)`."""
-    return ThetaMethod(theta=0.5, solver=solver)
+    return ThetaMethod(theta=0.5, solver=solver or NewtonKrylov())
 
 
 class ImplicitMidpoint(AbstractScheme):
