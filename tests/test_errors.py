@@ -1,0 +1,105 @@
+"""Bad input gets a clear error; solves that do not converge are reported."""
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import smooth_state
+
+import simulators as sim
+
+GRID = sim.Grid((16,), (1.0,))
+
+
+def _burgers(scheme=None, dt=0.1, nu=0.01):
+    return sim.Simulator(sim.Burgers(GRID, nu), scheme or sim.backward_euler(), dt)
+
+
+def test_wrong_state_shape():
+    with pytest.raises(ValueError, match=r"state has shape \(17,\).*\(16,\)"):
+        _burgers().step(jnp.zeros(17))
+
+
+def test_wrong_state_dtype():
+    with pytest.raises(TypeError, match="floating dtype"):
+        _burgers().rollout(jnp.zeros(16, dtype=jnp.int32), 2)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_initial_state(bad):
+    u0 = smooth_state(GRID).at[3].set(bad)
+    with pytest.raises(Exception, match="non-finite"):
+        jax.block_until_ready(_burgers().rollout(u0, 2))
+    with pytest.raises(Exception, match="non-finite"):
+        jax.block_until_ready(jax.jit(lambda u: _burgers().step(u))(u0))
+
+
+@pytest.mark.parametrize("dt", [0.0, -0.1])
+def test_non_positive_time_step(dt):
+    with pytest.raises(ValueError, match="time step dt must be positive"):
+        _burgers(dt=dt)
+
+
+def test_non_positive_diffusivity():
+    kappa = jnp.full(16, 0.1).at[4].set(0.0)
+    with pytest.raises(ValueError, match="diffusivity kappa must be positive"):
+        sim.AdvectionDiffusion(GRID, kappa, [1.0])
+    with pytest.raises(ValueError, match="diffusivity kappa must be positive"):
+        sim.AdvectionDiffusion(GRID, -1.0, [1.0])
+    with pytest.raises(ValueError, match="viscosity nu must be positive"):
+        sim.Burgers(GRID, -0.01)
+
+
+def test_mismatched_parameter_shapes():
+    with pytest.raises(ValueError, match="kappa must be a scalar or have the grid"):
+        sim.AdvectionDiffusion(GRID, jnp.ones(15), [1.0])
+    with pytest.raises(ValueError, match="velocity must have 1 component"):
+        sim.AdvectionDiffusion(GRID, 0.1, [1.0, 2.0])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"shape": (4, 4, 4), "length": (1, 1, 1)}, "1 or 2 dimensions"),
+        ({"shape": (8,), "length": (-1.0,)}, "length must be positive"),
+        ({"shape": (8,), "length": (1.0, 2.0)}, "does not match shape"),
+        ({"shape": (8,), "length": (1.0,), "boundary": "neumann"}, "boundary must"),
+    ],
+)
+def test_bad_grid(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sim.Grid(**kwargs)
+
+
+def test_bad_scheme_settings():
+    with pytest.raises(ValueError, match="theta must lie in"):
+        sim.ThetaMethod(theta=0.2)
+    with pytest.raises(ValueError, match="unknown IMEX tableau"):
+        sim.IMEXRungeKutta("ars999")
+    with pytest.raises(ValueError, match="rtol must be positive"):
+        sim.NewtonKrylov(rtol=-1.0)
+
+
+def test_newton_not_converging_is_reported():
+    """A Newton solve capped below what it needs raises instead of returning garbage."""
+    scheme = sim.backward_euler(sim.NewtonKrylov(rtol=1e-12, atol=1e-12, max_steps=1))
+    u0 = 3 * smooth_state(GRID)
+    with pytest.raises(Exception, match="maximum number of steps was reached in the"):
+        jax.block_until_ready(_burgers(scheme, dt=0.5).step(u0))
+
+
+def test_krylov_not_converging_is_reported():
+    scheme = sim.backward_euler(
+        sim.NewtonKrylov(krylov_tol=1e-14, krylov_max_steps=2, restart=2)
+    )
+    kappa = 0.05 * (1.5 + jnp.sin(2 * np.pi * GRID.mesh()[0]))
+    simulator = sim.Simulator(sim.AdvectionDiffusion(GRID, kappa, [3.0]), scheme, 0.5)
+    with pytest.raises(Exception, match="maximum number of solver steps"):
+        jax.block_until_ready(simulator.step(smooth_state(GRID)))
+
+
+def test_diffrax_scheme_refuses_large_states():
+    scheme = sim.DiffraxScheme(diffrax.Kvaerno3(), max_state_size=8)
+    with pytest.raises(ValueError, match="dense Jacobians"):
+        _burgers(scheme).step(smooth_state(GRID))
