@@ -24,15 +24,18 @@ class Simulator(eqx.Module):
     - `dt`: time step (positive).
     - `correction`: optional model-error correction `c(u)`.
     - `checkpoint`: rematerialise each step in the backward pass of `rollout`
-      (`jax.checkpoint`), so the gradient of a rollout stores one state per step and
-      nothing of the solvers' internals.
+      (`jax.checkpoint`), so the gradient stores one state per step and no stage
+      values. Off by default: the implicit solves already store nothing of their
+      iterations (implicit adjoint), and recomputing a Newton solve in the backward
+      pass costs a second forward. Turn it on for long rollouts of many-stage
+      schemes where the stage values would not fit in memory.
     """
 
     model: AbstractModel
     scheme: AbstractScheme
     dt: Float[Array, ""] = eqx.field(converter=jnp.asarray)
     correction: Callable | None = None
-    checkpoint: bool = eqx.field(static=True, default=True)
+    checkpoint: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self):
         if self.dt.ndim:

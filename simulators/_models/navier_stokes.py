@@ -64,9 +64,11 @@ class NavierStokes2D(AbstractModel):
 
     def velocity(self, w: Array) -> tuple[Array, Array]:
         """`(u, v)` from the vorticity through the stream function."""
+        return self._velocity(self.grid.fft(w))
+
+    def _velocity(self, w_hat):
         ky, kx = self.grid.wavenumbers()
         k2 = kx**2 + ky**2
-        w_hat = self.grid.fft(w)
         psi_hat = jnp.where(k2 > 0, w_hat / jnp.where(k2 > 0, k2, 1.0), 0.0)
         return self.grid.ifft(1j * ky * psi_hat), self.grid.ifft(-1j * kx * psi_hat)
 
@@ -76,7 +78,7 @@ class NavierStokes2D(AbstractModel):
     def nonlinear(self, w):
         ky, kx = self.grid.wavenumbers()
         w_hat = self.grid.fft(w)
-        u, v = self.velocity(w)
+        u, v = self._velocity(w_hat)
         advection = u * self.grid.ifft(1j * kx * w_hat) + v * self.grid.ifft(
             1j * ky * w_hat
         )

@@ -94,12 +94,17 @@ class IMEXRungeKutta(AbstractScheme):
                     y = y + dt * a_ex[i][j] * k_ex[j]
                 if a_im[i][j]:
                     y = y + dt * a_im[i][j] * k_im[j]
-            if a_im[i][i]:
-                y = model.linear_inverse(y, dt * a_im[i][i])
             needs_ex = b_ex[i] or any(row[i] for row in a_ex[i + 1 :])
             needs_im = b_im[i] or any(row[i] for row in a_im[i + 1 :])
+            if a_im[i][i]:
+                rhs = y
+                y = model.linear_inverse(rhs, dt * a_im[i][i])
+                # L Y_i from the stage equation, saving an application of L; the
+                # round-off it adds is multiplied back by dt a_ii in every use.
+                k_im.append((y - rhs) / (dt * a_im[i][i]) if needs_im else None)
+            else:
+                k_im.append(model.linear(y) if needs_im else None)
             k_ex.append(explicit(y) if needs_ex else None)
-            k_im.append(model.linear(y) if needs_im else None)
         out = u
         for i in range(len(b_ex)):
             if b_ex[i]:
