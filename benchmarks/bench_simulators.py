@@ -18,12 +18,10 @@ Run: `python benchmarks/bench_simulators.py [--sizes 64 128 256] [--repeats 3]`.
 """
 
 import argparse
-import dataclasses
 import platform
 import time
 
 import diffrax
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np

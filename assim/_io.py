@@ -1,0 +1,43 @@
+"""Atomic writers: a reader never sees a half-written output file."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import xarray as xr
+
+
+def _atomic(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_netcdf(dataset: xr.Dataset, path) -> Path:
+    """Write `dataset` to NetCDF at `path` through a temporary file and a rename."""
+    return _atomic(path, lambda tmp: dataset.to_netcdf(tmp, engine="netcdf4"))
+
+
+def write_json(obj, path) -> Path:
+    """Write `obj` as indented JSON at `path` atomically."""
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    return _atomic(path, write)
+
+
+def savefig(fig, path) -> Path:
+    """Save a matplotlib figure atomically (PNG)."""
+    return _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
