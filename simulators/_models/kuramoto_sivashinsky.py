@@ -26,20 +26,23 @@ class KuramotoSivashinsky(AbstractModel):
         if self.grid.ndim != 1 or self.grid.boundary != "periodic":
             raise ValueError("KuramotoSivashinsky needs a periodic 1D grid")
 
-    def _symbol(self):
+    def linear_symbol(self):
         (k,) = self.grid.wavenumbers()
         return k**2 - k**4
 
     def linear(self, u):
-        return self.grid.ifft(self._symbol() * self.grid.fft(u))
+        return self.grid.ifft(self.linear_symbol() * self.grid.fft(u))
+
+    def nonlinear_spectral(self, u_hat):
+        (k,) = self.grid.wavenumbers()
+        u = self.grid.ifft(u_hat)
+        return -0.5j * k * self.grid.fft(u**2) * self.grid.dealias_mask()
 
     def nonlinear(self, u):
-        (k,) = self.grid.wavenumbers()
-        u2_hat = self.grid.fft(u**2) * self.grid.dealias_mask()
-        return self.grid.ifft(-0.5j * k * u2_hat)
+        return self.grid.ifft(self.nonlinear_spectral(self.grid.fft(u)))
 
     def linear_inverse(self, rhs, eta):
-        return self.grid.ifft(self.grid.fft(rhs) / (1 - eta * self._symbol()))
+        return self.grid.ifft(self.grid.fft(rhs) / (1 - eta * self.linear_symbol()))
 
     def preconditioner(self, rhs, eta):
         return self.linear_inverse(rhs, eta)
