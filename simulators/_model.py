@@ -100,8 +100,9 @@ class AbstractModel(eqx.Module):
         Shape and dtype errors raise `ValueError` at trace time; non-finite values
         raise through `eqx.error_if` (inside `jit` as well).
         """
-        if not isinstance(u, jax.Array | jnp.ndarray) or not hasattr(u, "shape"):
+        if not (hasattr(u, "shape") and hasattr(u, "dtype")):
             raise TypeError(f"state must be an array, got {type(u).__name__}")
+        u = jnp.asarray(u)
         if u.shape != self.grid.shape:
             raise ValueError(
                 f"state has shape {u.shape} but the grid of {type(self).__name__} "

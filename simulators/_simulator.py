@@ -72,12 +72,10 @@ class Simulator(eqx.Module):
         if self.checkpoint:
             body = jax.checkpoint(body)
         final, (states, info) = jax.lax.scan(body, u0, None, length=int(n_steps))
-        final = eqx.error_if(
-            final,
+        states = eqx.error_if(
+            states,
             ~jnp.all(jnp.isfinite(final)),
             "rollout became non-finite (unstable time step or scheme?)",
         )
-        trajectory = jnp.concatenate([u0[None], states[:-1], final[None]])
-        if n_steps == 0:
-            trajectory = u0[None]
+        trajectory = jnp.concatenate([u0[None], states])
         return (trajectory, info) if with_info else trajectory

@@ -58,6 +58,10 @@ def cases():
             sim.Simulator(sim.AdvectionDiffusion(g1d, kappa1, [0.3]), cn, 0.05),
         ),
         (
+            "ad1d-dirichlet-imex",
+            sim.Simulator(sim.AdvectionDiffusion(g1d, kappa1, [0.3]), imex, 0.05),
+        ),
+        (
             "ad2d-periodic-be",
             sim.Simulator(sim.AdvectionDiffusion(g2p, kappa2, [0.2, -0.1]), be, 0.05),
         ),

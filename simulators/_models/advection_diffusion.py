@@ -1,5 +1,6 @@
 import equinox as eqx
 import jax.numpy as jnp
+import lineax as lx
 import numpy as np
 from jaxtyping import Array, Float
 
@@ -20,8 +21,9 @@ class AdvectionDiffusion(AbstractModel):
 
     `L` (implicit in IMEX schemes) is the diffusion; `N` the advection and the source.
     With a constant `kappa`, `(I - eta L)^{-1}` is an exact FFT (periodic) or DST
-    (Dirichlet) solve; with a field `kappa`, it is a GMRES solve preconditioned by the
-    structured solve at the mean diffusivity, which also preconditions Newton-Krylov.
+    (Dirichlet) solve; with a field `kappa` it is a tridiagonal solve in 1D Dirichlet
+    and otherwise a GMRES solve preconditioned by the structured solve at the mean
+    diffusivity, which also preconditions Newton-Krylov.
 
     **Arguments:**
 
@@ -69,7 +71,21 @@ class AdvectionDiffusion(AbstractModel):
     def linear_inverse(self, rhs, eta):
         if self.kappa.ndim == 0:
             return self._structured_inverse(rhs, eta, self.kappa)
+        if self.grid.ndim == 1 and self.grid.boundary == "dirichlet":
+            return self._tridiagonal_inverse(rhs, eta)
         return super().linear_inverse(rhs, eta)
+
+    def _tridiagonal_inverse(self, rhs, eta):
+        """1D Dirichlet with a kappa field: `I - eta L` is tridiagonal (lineax's
+        Thomas solve, O(N), differentiated through its transpose)."""
+        (dx,) = self.grid.spacing
+        kp = jnp.pad(self.kappa, 1, mode="edge")
+        faces = 0.5 * (kp[:-1] + kp[1:])  # faces[i] between cells i-1 and i
+        c = eta / dx**2
+        operator = lx.TridiagonalLinearOperator(
+            1 + c * (faces[:-1] + faces[1:]), -c * faces[1:-1], -c * faces[1:-1]
+        )
+        return lx.linear_solve(operator, rhs, lx.Tridiagonal()).value
 
     def preconditioner(self, rhs, eta):
         return self._structured_inverse(rhs, eta, jnp.mean(self.kappa))
