@@ -9,7 +9,7 @@ import simulators as sim
 
 # Tight solver settings for gradient checks in float64: Krylov solves accurate to
 # ~1e-13 so that forward (JVP) and reverse (VJP) solves agree to ~1e-12.
-TIGHT = sim.NewtonKrylov(rtol=1e-12, atol=1e-12, krylov_tol=1e-13)
+TIGHT = sim.NewtonKrylov(rtol=1e-12, atol=1e-12, krylov_tol=1e-13, adjoint_tol=1e-13)
 
 
 def tree_allclose(x, y, *, rtol=1e-10, atol=1e-12) -> bool:
