@@ -2,6 +2,7 @@
 
 from ._grid import Grid as Grid
 from ._model import AbstractModel as AbstractModel
+from ._model import AbstractSpectralModel as AbstractSpectralModel
 from ._models.advection_diffusion import AdvectionDiffusion as AdvectionDiffusion
 from ._models.burgers import Burgers as Burgers
 from ._models.kuramoto_sivashinsky import KuramotoSivashinsky as KuramotoSivashinsky

@@ -115,6 +115,36 @@ class AbstractModel(eqx.Module):
         )
 
 
+class AbstractSpectralModel(AbstractModel):
+    """A periodic model whose stiff part `L` is diagonal in Fourier space.
+
+    Concrete models give `linear_symbol()` (the eigenvalues of `L` in `grid.fft`
+    space) and `nonlinear_spectral(u_hat)`; `linear`, `nonlinear`, the exact
+    `linear_inverse` and the preconditioner follow, and IMEX schemes step the Fourier
+    coefficients directly.
+    """
+
+    @abc.abstractmethod
+    def linear_symbol(self) -> Array:
+        """Eigenvalues of `L` in `grid.fft` space."""
+
+    @abc.abstractmethod
+    def nonlinear_spectral(self, u_hat: Array) -> Array:
+        """`N` on Fourier coefficients."""
+
+    def linear(self, u):
+        return self.grid.ifft(self.linear_symbol() * self.grid.fft(u))
+
+    def nonlinear(self, u):
+        return self.grid.ifft(self.nonlinear_spectral(self.grid.fft(u)))
+
+    def linear_inverse(self, rhs, eta):
+        return self.grid.ifft(self.grid.fft(rhs) / (1 - eta * self.linear_symbol()))
+
+    def preconditioner(self, rhs, eta):
+        return self.linear_inverse(rhs, eta)
+
+
 def _tolerance(dtype) -> float:
     """Default solve tolerance for a dtype: loose enough to be reachable."""
     return 1e-11 if jnp.dtype(dtype) == jnp.float64 else 1e-5

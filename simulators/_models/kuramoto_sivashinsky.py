@@ -1,10 +1,10 @@
 import numpy as np
 
 from .._grid import Grid
-from .._model import AbstractModel
+from .._model import AbstractSpectralModel
 
 
-class KuramotoSivashinsky(AbstractModel):
+class KuramotoSivashinsky(AbstractSpectralModel):
     """Kuramoto-Sivashinsky equation on a periodic domain:
 
     `du/dt = -u du/dx - d^2u/dx^2 - d^4u/dx^4`
@@ -30,19 +30,7 @@ class KuramotoSivashinsky(AbstractModel):
         (k,) = self.grid.wavenumbers()
         return k**2 - k**4
 
-    def linear(self, u):
-        return self.grid.ifft(self.linear_symbol() * self.grid.fft(u))
-
     def nonlinear_spectral(self, u_hat):
         (k,) = self.grid.wavenumbers()
         u = self.grid.ifft(u_hat)
         return -0.5j * k * self.grid.fft(u**2) * self.grid.dealias_mask()
-
-    def nonlinear(self, u):
-        return self.grid.ifft(self.nonlinear_spectral(self.grid.fft(u)))
-
-    def linear_inverse(self, rhs, eta):
-        return self.grid.ifft(self.grid.fft(rhs) / (1 - eta * self.linear_symbol()))
-
-    def preconditioner(self, rhs, eta):
-        return self.linear_inverse(rhs, eta)

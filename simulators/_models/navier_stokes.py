@@ -4,10 +4,10 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from .._grid import Grid
-from .._model import AbstractModel, is_concrete
+from .._model import AbstractSpectralModel, is_concrete
 
 
-class NavierStokes2D(AbstractModel):
+class NavierStokes2D(AbstractSpectralModel):
     """2D incompressible Navier-Stokes in vorticity form on a periodic square:
 
     `dw/dt + u . grad w = nu Laplacian(w) - alpha w + f(y)`,
@@ -77,9 +77,6 @@ class NavierStokes2D(AbstractModel):
         psi_hat = jnp.where(k2 > 0, w_hat / jnp.where(k2 > 0, k2, 1.0), 0.0)
         return self.grid.ifft(1j * ky * psi_hat), self.grid.ifft(-1j * kx * psi_hat)
 
-    def linear(self, w):
-        return self.grid.ifft(self.linear_symbol() * self.grid.fft(w))
-
     def nonlinear_spectral(self, w_hat):
         ky, kx = self.grid.wavenumbers()
         u, v = self._velocity(w_hat)
@@ -88,12 +85,3 @@ class NavierStokes2D(AbstractModel):
         )
         forcing_hat = self.amplitude * np.fft.rfft2(self._forcing_shape())
         return forcing_hat - self.grid.fft(advection) * self.grid.dealias_mask()
-
-    def nonlinear(self, w):
-        return self.grid.ifft(self.nonlinear_spectral(self.grid.fft(w)))
-
-    def linear_inverse(self, rhs, eta):
-        return self.grid.ifft(self.grid.fft(rhs) / (1 - eta * self.linear_symbol()))
-
-    def preconditioner(self, rhs, eta):
-        return self.linear_inverse(rhs, eta)
