@@ -38,7 +38,7 @@ def smooth_state(grid: sim.Grid, seed: int = 0, modes: int = 3) -> jax.Array:
             else:
                 term = term * jnp.sin(2 * np.pi * k * x / length + rng.uniform(0, 6))
         out = out + rng.normal() * term
-    return jnp.asarray(out, dtype=jnp.float64)
+    return jnp.asarray(out)  # the default float dtype (float64 in the tests)
 
 
 def cases():

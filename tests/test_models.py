@@ -209,3 +209,21 @@ def test_kappa_field_inverse(boundary, ndim):
     rhs = smooth_state(grid)
     x = model.linear_inverse(rhs, 3.0)
     assert float(jnp.max(jnp.abs(x - 3.0 * model.linear(x) - rhs))) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "scheme", [sim.backward_euler(), sim.crank_nicolson(), sim.IMEXRungeKutta()]
+)
+@pytest.mark.parametrize("boundary", ["periodic", "dirichlet"])
+def test_float32_default_tolerances_are_reachable(scheme, boundary):
+    """Single precision (JAX's default) with the default tolerances: every solve
+    converges (none raises) on a kappa-field model, values and gradients."""
+    with jax.enable_x64(False):
+        grid = sim.Grid((12, 16), (1.0, 1.0), boundary)
+        kappa = 0.05 * (1.5 + jnp.sin(2 * np.pi * grid.mesh()[1]))
+        model = sim.AdvectionDiffusion(grid, kappa, [0.3, 0.2])
+        simulator = sim.Simulator(model, scheme, 0.05)
+        u0 = smooth_state(grid)
+        grad = jax.jit(jax.grad(lambda u: jnp.sum(simulator.rollout(u, 3) ** 2)))(u0)
+        assert grad.dtype == jnp.float32
+        assert bool(jnp.all(jnp.isfinite(grad)))
