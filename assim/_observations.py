@@ -1,0 +1,187 @@
+"""Sparse gridded observations from CF NetCDF files: open lazily, validate, window."""
+
+from pathlib import Path
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+import xarray as xr
+from jaxtyping import Array, Bool, Float
+
+from simulators import Grid
+
+
+class ObservationError(ValueError):
+    """An observation file or window that cannot be used; the message names why."""
+
+
+_SPATIAL = {1: ("x",), 2: ("y", "x")}
+
+
+def open_observations(path, *, grid: Grid | None = None) -> xr.Dataset:
+    """Open an observation file lazily and validate its structure.
+
+    The file follows the contract in DESIGN.md: a variable `obs` with dims
+    `(time, x)` or `(time, y, x)`, NaN (or `_FillValue`) where no sensor reported,
+    `obs_error_std` (a scalar or the same dims), coordinates `time`, `x` (and `y`) with
+    `units`, and an optional `truth` with the dims of `obs`. Nothing but coordinates
+    and scalar attributes is read here: values are read window by window by
+    `ObservationSet.from_dataset`, so files larger than memory work.
+
+    **Arguments:**
+
+    - `path`: the NetCDF file.
+    - `grid`: when given, the spatial shape and coordinates must match it.
+
+    **Returns:** the lazily opened `xarray.Dataset`.
+
+    **Raises:** `ObservationError` with one line naming the problem.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ObservationError(f"observation file not found: {path}")
+    try:
+        ds = xr.open_dataset(path, engine="netcdf4")
+    except Exception as e:  # netCDF4 / HDF5 errors are not one class
+        raise ObservationError(f"cannot read {path} as NetCDF: {e}") from e
+    validate_dataset(ds, grid=grid, name=str(path))
+    return ds
+
+
+def validate_dataset(ds: xr.Dataset, *, grid: Grid | None = None, name="dataset"):
+    """Check the structure of an observation dataset (see `open_observations`)."""
+    if "obs" not in ds.variables:
+        raise ObservationError(f"{name}: missing variable 'obs'")
+    dims = ds["obs"].dims
+    if dims not in (("time", "x"), ("time", "y", "x")):
+        raise ObservationError(
+            f"{name}: 'obs' must have dims (time, x) or (time, y, x), got {dims}"
+        )
+    spatial = dims[1:]
+    for coord in ("time", *spatial):
+        if coord not in ds.coords:
+            raise ObservationError(f"{name}: missing coordinate '{coord}'")
+        if coord != "time" and "units" not in ds[coord].attrs:
+            raise ObservationError(f"{name}: coordinate '{coord}' has no units")
+    time = ds["time"].values
+    if time.size == 0:
+        raise ObservationError(f"{name}: no observation times")
+    if time.size > 1 and not np.all(np.diff(time) > np.zeros_like(np.diff(time))):
+        raise ObservationError(f"{name}: time is not strictly increasing")
+    if "obs_error_std" not in ds.variables:
+        raise ObservationError(f"{name}: missing variable 'obs_error_std'")
+    std = ds["obs_error_std"]
+    if std.dims not in ((), dims):
+        raise ObservationError(
+            f"{name}: 'obs_error_std' must be a scalar or have dims {dims}, "
+            f"got {std.dims}"
+        )
+    if std.ndim == 0:
+        _check_error_std(np.asarray(std.values), name)
+    if "truth" in ds.variables and ds["truth"].dims != dims:
+        raise ObservationError(
+            f"{name}: 'truth' must have the dims of 'obs' {dims}, "
+            f"got {ds['truth'].dims}"
+        )
+    if grid is not None:
+        shape = tuple(ds.sizes[d] for d in spatial)
+        if shape != grid.shape:
+            raise ObservationError(
+                f"{name}: observation grid {shape} does not match the simulator grid "
+                f"{grid.shape}"
+            )
+        for axis, d in enumerate(spatial):
+            expected = np.asarray(grid.coordinates(axis))
+            if not np.allclose(ds[d].values, expected, rtol=1e-6, atol=1e-9):
+                raise ObservationError(
+                    f"{name}: coordinate '{d}' does not match the simulator grid "
+                    f"(spacing {grid.spacing[axis]:g}, boundary {grid.boundary})"
+                )
+
+
+def _check_error_std(std: np.ndarray, name: str):
+    if not np.all(np.isfinite(std)):
+        raise ObservationError(f"{name}: 'obs_error_std' has non-finite values")
+    if np.any(std <= 0):
+        raise ObservationError(
+            f"{name}: 'obs_error_std' must be positive (got min {np.min(std):g})"
+        )
+
+
+class ObservationSet(eqx.Module):
+    """One window of observations as arrays, ready for a cost function.
+
+    `values` holds zeros where `mask` is False (no sensor), so that arithmetic stays
+    finite; every use weighs by `mask`.
+
+    **Arguments:**
+
+    - `values`: observed values, `(time, *grid)`.
+    - `mask`: where a sensor reported, `(time, *grid)`.
+    - `error_std`: observation-error standard deviation, `(time, *grid)`.
+    - `times`: observation times, `(time,)`, in the file's time units.
+    - `truth`: the true state when the file has one (twin experiments), else `None`.
+    """
+
+    values: Float[Array, "time ..."]
+    mask: Bool[Array, "time ..."]
+    error_std: Float[Array, "time ..."]
+    times: Float[Array, " time"]
+    truth: Float[Array, "time ..."] | None = None
+
+    @classmethod
+    def from_dataset(
+        cls, ds: xr.Dataset, time=slice(None), *, name="window"
+    ) -> "ObservationSet":
+        """Read the window `ds.isel(time=time)` (only that slice is read from disk).
+
+        **Raises:** `ObservationError` when the window has no observation, or when
+        `obs_error_std` is non-positive or non-finite where a sensor reported.
+        """
+        window = ds.isel(time=time)
+        obs = np.asarray(window["obs"].values, dtype=np.float64)
+        mask = np.isfinite(obs)
+        if not mask.any():
+            raise ObservationError(f"{name}: all observations are missing (all NaN)")
+        std = np.broadcast_to(
+            np.asarray(window["obs_error_std"].values, dtype=np.float64), obs.shape
+        )
+        _check_error_std(std[mask], name)
+        truth = None
+        if "truth" in window.variables:
+            truth = np.asarray(window["truth"].values, dtype=np.float64)
+            if not np.all(np.isfinite(truth)):
+                raise ObservationError(f"{name}: 'truth' has non-finite values")
+            truth = jnp.asarray(truth)
+        time_values = window["time"].values
+        if np.issubdtype(time_values.dtype, np.datetime64):
+            # Decoded CF times: seconds since the first time of the file.
+            time_values = (time_values - ds["time"].values[0]) / np.timedelta64(1, "s")
+        return cls(
+            values=jnp.asarray(np.where(mask, obs, 0.0)),
+            mask=jnp.asarray(mask),
+            error_std=jnp.asarray(np.where(mask, std, 1.0)),
+            times=jnp.asarray(np.asarray(time_values, dtype=np.float64)),
+            truth=truth,
+        )
+
+
+def iter_windows(ds: xr.Dataset, length: int, *, stride: int | None = None):
+    """Yield `ObservationSet`s of `length` consecutive times, read one at a time.
+
+    **Arguments:**
+
+    - `ds`: a dataset from `open_observations`.
+    - `length`: observation times per window.
+    - `stride`: times between window starts (default `length`: no overlap).
+    """
+    if length < 1:
+        raise ObservationError(f"window length must be at least 1, got {length}")
+    stride = length if stride is None else stride
+    n = ds.sizes["time"]
+    if length > n:
+        raise ObservationError(f"window length {length} exceeds the {n} times")
+    for start in range(0, n - length + 1, stride):
+        yield ObservationSet.from_dataset(
+            ds, slice(start, start + length), name=f"window at time index {start}"
+        )

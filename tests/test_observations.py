@@ -1,0 +1,151 @@
+"""Observation files: contract, validation errors, lazy windows."""
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import simulators as sim
+from assim import write_netcdf
+from assim._observations import (
+    ObservationError,
+    ObservationSet,
+    iter_windows,
+    open_observations,
+)
+
+GRID = sim.Grid((6, 8), (1.0, 2.0))
+
+
+def _dataset(n_time=5, std=0.1, with_truth=True):
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(n_time, *GRID.shape))
+    obs = truth + std * rng.normal(size=truth.shape)
+    obs[rng.random(obs.shape) > 0.3] = np.nan  # ~30% of the grid observed
+    obs[:, 0, 0] = 1.0  # at least one sensor per time
+    data = {
+        "obs": (
+            ("time", "y", "x"),
+            obs,
+            {"ancillary_variables": "obs_error_std", "units": "1"},
+        ),
+        "obs_error_std": ((), std, {"standard_name": "state standard_error"}),
+    }
+    if with_truth:
+        data["truth"] = (("time", "y", "x"), truth)
+    return xr.Dataset(
+        data,
+        coords={
+            "time": ("time", np.arange(n_time) * 0.5, {"units": "model time units"}),
+            "y": ("y", np.asarray(GRID.coordinates(0)), {"units": "m"}),
+            "x": ("x", np.asarray(GRID.coordinates(1)), {"units": "m"}),
+        },
+        attrs={"Conventions": "CF-1.8", "simulator": "AdvectionDiffusion"},
+    )
+
+
+def _write(tmp_path, ds, name="obs.nc"):
+    return write_netcdf(ds, tmp_path / name)
+
+
+def test_round_trip_and_windows(tmp_path):
+    ds = _dataset()
+    path = _write(tmp_path, ds)
+    opened = open_observations(path, grid=GRID)
+    window = ObservationSet.from_dataset(opened, slice(1, 3))
+    expected = ds["obs"].values[1:3]
+    np.testing.assert_array_equal(np.asarray(window.mask), np.isfinite(expected))
+    np.testing.assert_allclose(
+        np.asarray(window.values), np.where(np.isfinite(expected), expected, 0.0)
+    )
+    np.testing.assert_allclose(
+        np.asarray(window.error_std)[np.asarray(window.mask)], 0.1
+    )
+    np.testing.assert_allclose(np.asarray(window.times), [0.5, 1.0])
+    np.testing.assert_allclose(np.asarray(window.truth), ds["truth"].values[1:3])
+    windows = list(iter_windows(opened, 2))
+    assert [w.times.tolist() for w in windows] == [[0.0, 0.5], [1.0, 1.5]]
+
+
+def _mutate(ds, what):
+    if what == "missing obs":
+        return ds.drop_vars("obs")
+    if what == "missing std":
+        return ds.drop_vars("obs_error_std")
+    if what == "wrong dims":
+        return ds.rename_dims({"x": "lon"}).rename_vars({"x": "lon"})
+    if what == "negative std":
+        return ds.assign(obs_error_std=((), -0.1))
+    if what == "zero std field":
+        std = np.full(ds["obs"].shape, 0.1)
+        std[2, 0, 0] = 0.0
+        return ds.assign(obs_error_std=(("time", "y", "x"), std))
+    if what == "time order":
+        return ds.assign_coords(
+            time=("time", [0.0, 1.0, 0.5, 2.0, 3.0], {"units": "s"})
+        )
+    if what == "no units":
+        out = ds.copy()
+        out["x"].attrs = {}
+        return out
+    if what == "truth dims":
+        return ds.assign(truth=(("time", "x", "y"), np.zeros((5, 8, 6))))
+    raise AssertionError(what)
+
+
+@pytest.mark.parametrize(
+    "what,match",
+    [
+        ("missing obs", "missing variable 'obs'"),
+        ("missing std", "missing variable 'obs_error_std'"),
+        ("wrong dims", r"must have dims \(time, x\) or \(time, y, x\)"),
+        ("negative std", "'obs_error_std' must be positive"),
+        ("time order", "time is not strictly increasing"),
+        ("no units", "coordinate 'x' has no units"),
+        ("truth dims", "'truth' must have the dims of 'obs'"),
+    ],
+)
+def test_bad_files_fail_with_one_line(tmp_path, what, match):
+    path = _write(tmp_path, _mutate(_dataset(), what))
+    with pytest.raises(ObservationError, match=match) as info:
+        open_observations(path)
+    assert "\n" not in str(info.value)
+
+
+def test_error_std_field_checked_per_window(tmp_path):
+    opened = open_observations(_write(tmp_path, _mutate(_dataset(), "zero std field")))
+    ObservationSet.from_dataset(opened, slice(0, 2))  # the zero is outside
+    with pytest.raises(ObservationError, match="must be positive"):
+        ObservationSet.from_dataset(opened, slice(2, 3))
+
+
+def test_grid_mismatch(tmp_path):
+    path = _write(tmp_path, _dataset())
+    with pytest.raises(ObservationError, match=r"does not match the simulator grid"):
+        open_observations(path, grid=sim.Grid((6, 9), (1.0, 2.0)))
+    with pytest.raises(ObservationError, match="coordinate 'x' does not match"):
+        open_observations(path, grid=sim.Grid((6, 8), (1.0, 3.0)))
+
+
+def test_all_nan_window_and_missing_file(tmp_path):
+    ds = _dataset()
+    obs = ds["obs"].values.copy()
+    obs[3] = np.nan
+    opened = open_observations(_write(tmp_path, ds.assign(obs=(ds["obs"].dims, obs))))
+    with pytest.raises(ObservationError, match="all observations are missing"):
+        ObservationSet.from_dataset(opened, slice(3, 4))
+    with pytest.raises(ObservationError, match="observation file not found"):
+        open_observations(tmp_path / "nope.nc")
+    (tmp_path / "junk.nc").write_text("not netcdf")
+    with pytest.raises(ObservationError, match="cannot read"):
+        open_observations(tmp_path / "junk.nc")
+
+
+def test_fill_value_reads_as_missing(tmp_path):
+    ds = _dataset(with_truth=False)
+    path = tmp_path / "filled.nc"
+    ds.to_netcdf(path, encoding={"obs": {"_FillValue": -9999.0}})
+    window = ObservationSet.from_dataset(open_observations(path))
+    assert window.truth is None
+    np.testing.assert_array_equal(
+        np.asarray(window.mask), np.isfinite(ds["obs"].values)
+    )
