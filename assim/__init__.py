@@ -1,13 +1,20 @@
 """Learned variational data assimilation on top of `simulators`.
 
-So far: observation files (open lazily, validate, read window by window), atomic
-writers and the `assim-simulate` CLI. Cost functions, solvers and unrolled networks
-come next.
+So far: observation files (open lazily, validate, read window by window), `B` through
+its square root (diagonal, diffusion-correlated), 3D/4D-Var with joint parameter
+estimation minimised by L-BFGS, atomic writers and the `assim-simulate` CLI.
+Incremental 4D-Var, cycling, diagnostics, `assim-run` and unrolled networks come next.
 """
 
+from ._covariance import AbstractCovariance as AbstractCovariance
+from ._covariance import DiagonalCovariance as DiagonalCovariance
+from ._covariance import DiffusionCovariance as DiffusionCovariance
 from ._io import write_json as write_json
 from ._io import write_netcdf as write_netcdf
 from ._observations import ObservationError as ObservationError
 from ._observations import ObservationSet as ObservationSet
 from ._observations import iter_windows as iter_windows
 from ._observations import open_observations as open_observations
+from ._var import Control as Control
+from ._var import Var4D as Var4D
+from ._var import minimise as minimise
