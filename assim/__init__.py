@@ -2,7 +2,8 @@
 
 So far: observation files (open lazily, validate, read window by window), `B` through
 its square root (diagonal, diffusion-correlated), 3D/4D-Var with joint parameter
-estimation minimised by L-BFGS, atomic writers and the `assim-simulate` CLI.
+estimation minimised by L-BFGS, scores (RMSE, mu, effective resolution, innovation
+statistics), atomic writers and the `assim-simulate` CLI.
 Incremental 4D-Var, cycling, diagnostics, `assim-run` and unrolled networks come next.
 """
 
@@ -11,6 +12,10 @@ from ._covariance import DiagonalCovariance as DiagonalCovariance
 from ._covariance import DiffusionCovariance as DiffusionCovariance
 from ._io import write_json as write_json
 from ._io import write_netcdf as write_netcdf
+from ._metrics import effective_resolution as effective_resolution
+from ._metrics import innovation_statistics as innovation_statistics
+from ._metrics import mu_score as mu_score
+from ._metrics import rmse as rmse
 from ._observations import ObservationError as ObservationError
 from ._observations import ObservationSet as ObservationSet
 from ._observations import iter_windows as iter_windows
