@@ -115,7 +115,7 @@ def minimise(
     """
     solver = solver or optx.LBFGS(rtol=1e-6, atol=1e-6)
     sol = optx.minimise(
-        lambda c, o: cost(c, o),
+        cost,
         solver,
         cost.initial_control(),
         args=obs,

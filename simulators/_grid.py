@@ -191,6 +191,10 @@ class Grid(eqx.Module):
             total = total + lam
         return total
 
+    def solve_helmholtz(self, rhs: Array, coefficient: float | Array) -> Array:
+        """Solve `(I - coefficient Laplacian) x = rhs` exactly (FFT or DST)."""
+        return self.solve_diagonal(rhs, 1 - coefficient * self.laplacian_eigenvalues())
+
     def solve_diagonal(self, rhs: Array, symbol: Array) -> Array:
         """Solve `S x = rhs` for an operator `S` diagonal in the grid's transform.
 

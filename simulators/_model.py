@@ -71,18 +71,6 @@ class AbstractModel(eqx.Module):
             operator, rhs, solver, options={"preconditioner": preconditioner}
         ).value
 
-    def linear_symbol(self) -> Array | None:
-        """Eigenvalues of `L` in `grid.fft` space when `L` is diagonal there.
-
-        Spectral models return it (and implement `nonlinear_spectral`) so that IMEX
-        schemes can step Fourier coefficients directly; the default is `None`.
-        """
-        return None
-
-    def nonlinear_spectral(self, u_hat: Array) -> Array:
-        """`N` on Fourier coefficients: `fft(N(ifft(u_hat)))`."""
-        return self.grid.fft(self.nonlinear(self.grid.ifft(u_hat)))
-
     def preconditioner(self, rhs: Array, eta: float | Array) -> Array:
         """A cheap structured approximation of `(I - eta J_f)^{-1} rhs`.
 

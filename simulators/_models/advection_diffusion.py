@@ -65,8 +65,7 @@ class AdvectionDiffusion(AbstractModel):
         return self.source - adv
 
     def _structured_inverse(self, rhs, eta, kappa):
-        symbol = 1 - eta * kappa * self.grid.laplacian_eigenvalues()
-        return self.grid.solve_diagonal(rhs, symbol)
+        return self.grid.solve_helmholtz(rhs, eta * kappa)
 
     def linear_inverse(self, rhs, eta):
         if self.kappa.ndim == 0:

@@ -40,8 +40,7 @@ class Burgers(AbstractModel):
         return -sum(self.grid.gradient(flux, axis=a) for a in range(-self.grid.ndim, 0))
 
     def linear_inverse(self, rhs, eta):
-        symbol = 1 - eta * self.nu * self.grid.laplacian_eigenvalues()
-        return self.grid.solve_diagonal(rhs, symbol)
+        return self.grid.solve_helmholtz(rhs, eta * self.nu)
 
     def preconditioner(self, rhs, eta):
         return self.linear_inverse(rhs, eta)

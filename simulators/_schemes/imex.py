@@ -4,6 +4,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
+from .._model import AbstractSpectralModel
 from .base import AbstractScheme
 
 _G = 1 - 1 / np.sqrt(2)
@@ -57,7 +58,7 @@ class IMEXRungeKutta(AbstractScheme):
     + a_ij L Y_j)]`, then `u_{n+1} = u_n + dt sum_j (bhat_j N(Y_j) + b_j L Y_j)`.
     Each implicit stage is the model's structured `linear_inverse` (FFT/DST
     diagonalisation where the operator allows), whose adjoint is its transpose. For
-    spectral models (`model.linear_symbol()` is not `None`) the stages run on the
+    spectral models (`AbstractSpectralModel`) the stages run on the
     Fourier coefficients, where `L` is diagonal, as exponax and dinosaur do. A
     `correction` is added to the explicit part `N`.
 
@@ -82,8 +83,7 @@ class IMEXRungeKutta(AbstractScheme):
         return _TABLEAUX[self.tableau][4]
 
     def step(self, model, u, dt, correction=None):
-        symbol = model.linear_symbol()
-        if symbol is None:
+        if not isinstance(model, AbstractSpectralModel):
 
             def explicit(y):
                 n = model.nonlinear(y)
@@ -95,7 +95,7 @@ class IMEXRungeKutta(AbstractScheme):
 
         # Spectral models: step the Fourier coefficients, where L is diagonal, so
         # that no transform is spent on the implicit part.
-        grid = model.grid
+        grid, symbol = model.grid, model.linear_symbol()
 
         def explicit_hat(y_hat):
             n_hat = model.nonlinear_spectral(y_hat)
