@@ -20,6 +20,12 @@ from ._observations import ObservationError as ObservationError
 from ._observations import ObservationSet as ObservationSet
 from ._observations import iter_windows as iter_windows
 from ._observations import open_observations as open_observations
+from ._operators import AbstractObservationOperator as AbstractObservationOperator
+from ._operators import GridSelection as GridSelection
+from ._operators import LinearInterpolation as LinearInterpolation
 from ._var import Control as Control
+from ._var import ModelErrorForcing as ModelErrorForcing
+from ._var import SolveInfo as SolveInfo
 from ._var import Var4D as Var4D
+from ._var import make_solver as make_solver
 from ._var import minimise as minimise

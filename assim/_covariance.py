@@ -40,7 +40,7 @@ class DiagonalCovariance(AbstractCovariance):
     std: Float[Array, "..."] = eqx.field(converter=jnp.asarray)
 
     def __check_init__(self):
-        if is_concrete(self.std) and not bool(jnp.all(self.std > 0)):
+        if is_concrete(self.std) and not np.all(np.asarray(self.std) > 0):
             raise ValueError("background error std must be positive")
 
     def sqrt(self, v):
@@ -74,7 +74,7 @@ class DiffusionCovariance(AbstractCovariance):
     order: int = eqx.field(static=True, default=2)
 
     def __check_init__(self):
-        if is_concrete(self.std) and not self.std > 0:
+        if is_concrete(self.std) and not np.asarray(self.std) > 0:
             raise ValueError("background error std must be positive")
         if not self.length_scale > 0:
             raise ValueError(f"length_scale must be positive, got {self.length_scale}")

@@ -10,6 +10,8 @@ from jaxtyping import Array, Bool, Float
 
 from simulators import Grid
 
+from ._operators import AbstractObservationOperator, GridSelection
+
 
 class ObservationError(ValueError):
     """An observation file or window that cannot be used; the message names why."""
@@ -121,6 +123,9 @@ class ObservationSet(eqx.Module):
     - `error_std`: observation-error standard deviation, `(time, *grid)`.
     - `times`: observation times, `(time,)`, in the file's time units.
     - `truth`: the true state when the file has one (twin experiments), else `None`.
+    - `operator`: the observation operator `H` from states `(time, *grid)` to the
+      shape of `values`; default `GridSelection()` (sensors on grid points, the grid's
+      shape). With `LinearInterpolation` the values are `(time, sensors)`.
     """
 
     values: Float[Array, "time ..."]
@@ -128,6 +133,30 @@ class ObservationSet(eqx.Module):
     error_std: Float[Array, "time ..."]
     times: Float[Array, " time"]
     truth: Float[Array, "time ..."] | None = None
+    operator: AbstractObservationOperator = GridSelection()
+
+    def __check_init__(self):
+        shape = self.values.shape
+        for name in ("mask", "error_std"):
+            if getattr(self, name).shape != shape:
+                raise ValueError(
+                    f"observation {name} has shape {getattr(self, name).shape}, "
+                    f"values have {shape}"
+                )
+        if self.times.shape != shape[:1]:
+            raise ValueError(
+                f"{self.times.shape[0] if self.times.ndim else 0} observation times "
+                f"for {shape[0]} rows of values"
+            )
+
+    @property
+    def n_times(self) -> int:
+        return self.values.shape[0]
+
+    def innovations(self, states: Array) -> Array:
+        """Whitened misfits `(H x - y) / sigma` where a sensor reported, else 0."""
+        predicted = self.operator(states)
+        return jnp.where(self.mask, (predicted - self.values) / self.error_std, 0.0)
 
     @classmethod
     def from_dataset(

@@ -3,6 +3,7 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from ._model import AbstractModel, is_concrete
@@ -40,7 +41,7 @@ class Simulator(eqx.Module):
     def __check_init__(self):
         if self.dt.ndim:
             raise ValueError(f"dt must be a scalar, got shape {self.dt.shape}")
-        if is_concrete(self.dt) and not self.dt > 0:
+        if is_concrete(self.dt) and not np.asarray(self.dt) > 0:
             raise ValueError(f"time step dt must be positive, got {float(self.dt)}")
 
     def step_with_info(self, u: Array) -> tuple[Array, dict[str, Array]]:

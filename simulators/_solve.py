@@ -4,6 +4,8 @@ from collections.abc import Callable
 from typing import Literal
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, Int
@@ -15,6 +17,46 @@ def _krylov(kind: str, rtol: float, atol: float, max_steps: int, restart: int):
     if kind == "gmres":
         return lx.GMRES(rtol=rtol, atol=atol, restart=restart, max_steps=max_steps)
     return lx.BiCGStab(rtol=rtol, atol=atol, max_steps=max_steps)
+
+
+class DelegatingLinearSolver(lx.AbstractLinearSolver):
+    """A lineax solver that hands everything to `inner`; subclasses change `compute`."""
+
+    inner: lx.AbstractLinearSolver
+
+    def init(self, operator, options):
+        return self.inner.init(operator, options)
+
+    def compute(self, state, vector, options):
+        return self.inner.compute(state, vector, options)
+
+    def transpose(self, state, options):
+        return self.inner.transpose(state, options)
+
+    def conj(self, state, options):
+        return self.inner.conj(state, options)
+
+    def assume_full_rank(self):
+        return self.inner.assume_full_rank()
+
+
+class ScaleInvariant(DelegatingLinearSolver):
+    """Solves `A x = b` as `|b|_max A (x / |b|_max) = b`, so that the inner solver's
+    tolerances are relative to the size of `b`.
+
+    lineax's Krylov solvers test convergence component-wise against
+    `atol + rtol |b_i|`; in tangent and adjoint solves `b` can be of any magnitude, and
+    a fixed `atol` is then either meaningless (small `b`) or below round-off (large
+    `b`, where GMRES stagnates). The solve is linear, so the rescaling is exact.
+    """
+
+    def compute(self, state, vector, options):
+        leaves = jax.tree.leaves(vector)
+        scale = jnp.max(jnp.stack([jnp.max(jnp.abs(leaf)) for leaf in leaves]))
+        scale = jnp.where(scale > 0, scale, 1.0)
+        unit = jax.tree.map(lambda leaf: leaf / scale, vector)
+        value, result, stats = self.inner.compute(state, unit, options)
+        return jax.tree.map(lambda leaf: leaf * scale, value), result, stats
 
 
 class NewtonKrylov(eqx.Module):
@@ -44,8 +86,10 @@ class NewtonKrylov(eqx.Module):
     - `krylov_tol`: relative tolerance of the inner Krylov solves (inexact Newton,
       Dembo, Eisenstat & Steihaug 1982): 1e-2 gains two digits per Newton step at a
       fraction of the cost of an exact solve.
-    - `adjoint_tol`: tolerance of the transpose solve of the implicit adjoint, which
-      sets the gradient's accuracy; `None` is a tenth of the Newton tolerance.
+    - `adjoint_tol`: tolerance of the tangent / transpose solves of the implicit
+      adjoint, relative to the largest entry of their right-hand side (which can have
+      any magnitude), which sets the derivatives' accuracy; `None` is a tenth of the
+      Newton tolerance.
     - `krylov_max_steps`, `restart`: Krylov iteration cap and GMRES restart length
       (lineax checks convergence once per restart cycle: keep it short).
     - `adjoint`: `"implicit"` (default) or `"unrolled"`.
@@ -106,7 +150,7 @@ class NewtonKrylov(eqx.Module):
         solver = optx.Newton(rtol=rtol, atol=atol, linear_solver=inner)
         if self.adjoint == "implicit":
             transpose = _krylov(self.krylov, adj_tol, adj_tol, steps, restart)
-            adjoint = optx.ImplicitAdjoint(linear_solver=transpose)
+            adjoint = optx.ImplicitAdjoint(linear_solver=ScaleInvariant(transpose))
         else:
             adjoint = optx.RecursiveCheckpointAdjoint()
         sol = optx.root_find(

@@ -1,5 +1,6 @@
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from .._grid import Grid
@@ -29,7 +30,7 @@ class Burgers(AbstractModel):
     def __check_init__(self):
         if self.nu.ndim:
             raise ValueError(f"nu must be a scalar, got shape {self.nu.shape}")
-        if is_concrete(self.nu) and not self.nu > 0:
+        if is_concrete(self.nu) and not np.asarray(self.nu) > 0:
             raise ValueError(f"viscosity nu must be positive, got {float(self.nu)}")
 
     def linear(self, u):

@@ -48,9 +48,9 @@ class NavierStokes2D(AbstractSpectralModel):
         self.wavenumber = int(wavenumber)
 
     def __check_init__(self):
-        if is_concrete(self.nu) and not self.nu > 0:
+        if is_concrete(self.nu) and not np.asarray(self.nu) > 0:
             raise ValueError(f"viscosity nu must be positive, got {float(self.nu)}")
-        if is_concrete(self.alpha) and self.alpha < 0:
+        if is_concrete(self.alpha) and np.asarray(self.alpha) < 0:
             raise ValueError(f"drag alpha must be non-negative, got {self.alpha}")
 
     def linear_symbol(self):
