@@ -10,6 +10,9 @@ Incremental 4D-Var, cycling, diagnostics, `assim-run` and unrolled networks come
 from ._covariance import AbstractCovariance as AbstractCovariance
 from ._covariance import DiagonalCovariance as DiagonalCovariance
 from ._covariance import DiffusionCovariance as DiffusionCovariance
+from ._cycle import WindowResult as WindowResult
+from ._cycle import analysis_dataset as analysis_dataset
+from ._cycle import cycle as cycle
 from ._io import write_json as write_json
 from ._io import write_netcdf as write_netcdf
 from ._metrics import effective_resolution as effective_resolution
@@ -27,5 +30,6 @@ from ._var import Control as Control
 from ._var import ModelErrorForcing as ModelErrorForcing
 from ._var import SolveInfo as SolveInfo
 from ._var import Var4D as Var4D
+from ._var import bounded_log as bounded_log
 from ._var import make_solver as make_solver
 from ._var import minimise as minimise

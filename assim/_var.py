@@ -32,6 +32,14 @@ class ModelErrorForcing(eqx.Module):
         return self.forcing if self.base is None else self.forcing + self.base(u)
 
 
+def bounded_log(theta, background, bound: float = 3.0):
+    """`background * exp(bound * tanh(theta / bound))`: a positive parameter within a
+    factor `e^bound` of its background, `~ background * exp(theta)` near it. Keeps
+    joint estimation from proposing a diffusivity the model cannot step (the
+    exponential of an unbounded control overflows after one bad Gauss-Newton step)."""
+    return background * jnp.exp(bound * jnp.tanh(theta / bound))
+
+
 class Control(eqx.Module):
     """The control vector of a variational problem.
 
@@ -81,7 +89,7 @@ class Var4D(eqx.Module):
     background: Float[Array, "..."]
     background_covariance: AbstractCovariance
     observation_interval: int = eqx.field(static=True, default=1)
-    set_parameters: Callable | None = eqx.field(static=True, default=None)
+    set_parameters: Callable | None = None
     parameter_background: PyTree[Array] | None = None
     parameter_std: PyTree[Array] | None = None
     model_error_covariance: AbstractCovariance | None = None
@@ -182,6 +190,7 @@ class _TruncatedCG(DelegatingLinearSolver):
 
     def compute(self, state, vector, options):
         value, result, stats = self.inner.compute(state, vector, options)
+
         truncated = result == lx.RESULTS.max_steps_reached
         return value, lx.RESULTS.where(truncated, lx.RESULTS.successful, result), stats
 
@@ -223,6 +232,9 @@ def make_solver(
       run per CG iteration), truncated after `inner_steps` iterations. The
       control-variable transform (`S = B^{1/2}`) is the preconditioner: the Hessian is
       the identity plus a low-rank observation term.
+      Full Gauss-Newton steps, as in operational incremental 4D-Var (no line
+      search): keep estimated parameters in a bounded transform (see
+      `bounded_log`) so that an early step cannot leave the model's valid range.
     """
     if method == "lbfgs":
         return optx.LBFGS(rtol=rtol, atol=atol)
@@ -235,7 +247,7 @@ def make_solver(
 
 
 def _objective(method: Method):
-    if method == "gauss-newton":
+    if method != "lbfgs":
         return lambda y, args: (args[0].residuals(y, args[1]), None)
     return lambda y, args: (args[0](y, args[1]), None)
 
@@ -255,7 +267,7 @@ def _step(solver, method, y, state, args):
     if method == "lbfgs":  # the state holds the cost and gradient at `y`
         value, grad = state.f_info.f, state.f_info.grad
         gnorm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grad)))
-    else:  # Gauss-Newton's state holds the residual and the Jacobian at `y`
+    else:  # least-squares states hold a residual and a Jacobian operator
         value, gnorm = _value_and_grad_norm(*args, y)
     return y, state, done, result, value, gnorm
 

@@ -1,0 +1,112 @@
+"""PNG plots of an assim-run analysis (matplotlib, written atomically)."""
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run(
+    out,
+    *,
+    grid,
+    times,
+    analysis,
+    background,
+    truth,
+    observations,
+    estimated,
+    true_parameter,
+    parameter_name,
+):
+    """`fields.png` (truth / observations / analysis / error at three times),
+    `parameter.png` (estimated vs true coefficient), `rmse.png` (RMSE over time)."""
+    from assim._io import savefig
+
+    plt = _pyplot()
+    reference = truth if truth is not None else None
+    picks = sorted({0, len(times) // 2, len(times) - 1})
+    columns = [("observations", observations), ("analysis", analysis)]
+    if reference is not None:
+        columns = [("truth", reference), *columns, ("error", analysis - reference)]
+    fig, axes = plt.subplots(
+        len(picks),
+        len(columns),
+        figsize=(3.2 * len(columns), 2.8 * len(picks)),
+        squeeze=False,
+    )
+    vmax = float(np.nanmax(np.abs(analysis)))
+    for row, i in enumerate(picks):
+        for col, (name, field) in enumerate(columns):
+            ax = axes[row, col]
+            if grid.ndim == 2:
+                scale = (
+                    vmax
+                    if name != "error"
+                    else max(float(np.max(np.abs(field[i]))), 1e-12)
+                )
+                im = ax.imshow(
+                    field[i], origin="lower", cmap="RdBu_r", vmin=-scale, vmax=scale
+                )
+                fig.colorbar(im, ax=ax, shrink=0.8)
+            else:
+                x = np.asarray(grid.coordinates(0))
+                style = "." if name == "observations" else "-"
+                ax.plot(x, field[i], style)
+            ax.set_title(f"{name}, t={times[i]:.3g}", fontsize=9)
+    fig.tight_layout()
+    savefig(fig, out / "fields.png")
+    plt.close(fig)
+
+    if estimated is not None:
+        panels = [("estimated", estimated)]
+        if true_parameter is not None:
+            panels.append(("true", true_parameter))
+        fig, axes = plt.subplots(
+            1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False
+        )
+        lo = min(float(np.min(p)) for _, p in panels)
+        hi = max(float(np.max(p)) for _, p in panels)
+        for ax, (name, field) in zip(axes[0], panels, strict=True):
+            if np.ndim(field) == 2:
+                im = ax.imshow(field, origin="lower", vmin=lo, vmax=hi)
+                fig.colorbar(im, ax=ax, shrink=0.8)
+            elif np.ndim(field) == 1:
+                ax.plot(np.asarray(grid.coordinates(0)), field)
+            else:
+                ax.bar([0], [float(field)])
+            ax.set_title(f"{name} {parameter_name}")
+        fig.tight_layout()
+        savefig(fig, out / "parameter.png")
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    axes_ = tuple(range(1, analysis.ndim))
+    if reference is not None:
+        ax.plot(
+            times,
+            np.sqrt(np.mean((analysis - reference) ** 2, axis=axes_)),
+            label="analysis",
+        )
+        ax.plot(
+            times,
+            np.sqrt(np.mean((background - reference) ** 2, axis=axes_)),
+            label="background",
+        )
+        ax.set_ylabel("RMSE vs truth")
+    else:
+        err = np.where(np.isfinite(observations), analysis - observations, np.nan)
+        ax.plot(times, np.sqrt(np.nanmean(err**2, axis=axes_)), label="analysis")
+        ax.set_ylabel("RMSE vs observations")
+    ax.set_yscale("log")
+    ax.set_xlabel("time")
+    ax.legend()
+    fig.tight_layout()
+    savefig(fig, out / "rmse.png")
+    plt.close(fig)

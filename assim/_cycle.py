@@ -1,0 +1,226 @@
+"""Cycled assimilation over consecutive windows, per-window diagnostics, and the
+analysis as a CF NetCDF dataset."""
+
+import dataclasses
+from collections.abc import Callable, Iterable
+
+import equinox as eqx
+import jax
+import numpy as np
+import xarray as xr
+
+from ._metrics import innovation_statistics, rmse
+from ._observations import ObservationSet
+from ._var import Method, SolveInfo, Var4D, minimise
+
+
+@dataclasses.dataclass
+class WindowResult:
+    """One assimilation window.
+
+    - `times`: observation times of the window.
+    - `analysis`, `background`: model states at those times from the analysis and
+      from the background (the forecast that the window started from).
+    - `theta`: estimated parameters (transformed, as in the control), or `None`.
+    - `info`: the minimisation's `SolveInfo`.
+    - `diagnostics`: scalars: innovation statistics of the background, RMSEs against
+      the truth when the window has one.
+    """
+
+    times: np.ndarray
+    analysis: np.ndarray
+    background: np.ndarray
+    theta: object
+    info: SolveInfo
+    diagnostics: dict
+
+
+def cycle(
+    template: Var4D,
+    windows: Iterable[ObservationSet],
+    *,
+    method: Method = "lbfgs",
+    max_steps: int = 100,
+    cycle_parameters: bool = True,
+    on_iteration: Callable[[int, int, float], None] | None = None,
+    **solver_options,
+) -> list[WindowResult]:
+    """Assimilate consecutive windows, each background the previous forecast.
+
+    The first window uses `template.background` (and `template.parameter_background`);
+    each later window's background is the analysis at the previous window's last
+    observation time, advanced one observation interval by the simulator with the
+    estimated parameters (no model-error forcing: it is unknown beyond the window).
+    With `cycle_parameters`, the estimated parameters also become the next window's
+    parameter background, so that the information in past windows carries over.
+
+    **Arguments:**
+
+    - `template`: the cost function of the first window (`Var4D`).
+    - `windows`: `ObservationSet`s of consecutive, non-overlapping windows, one
+      observation interval apart (e.g. from `iter_windows`).
+    - `method`, `max_steps`, `solver_options`: passed to `minimise`.
+    - `on_iteration`: called as `on_iteration(window, iteration, cost)`.
+
+    **Returns:** one `WindowResult` per window.
+    """
+    cost = template
+    results = []
+    trajectory = eqx.filter_jit(lambda cost, c, n: cost.trajectory(c, n))
+    advance = eqx.filter_jit(
+        lambda sim, x: sim.rollout(x, template.observation_interval)[-1]
+    )
+    for k, obs in enumerate(windows):
+        progress = None
+        if on_iteration is not None:
+            progress = lambda i, c, k=k: on_iteration(k, i, c)  # noqa: E731
+        control, info = minimise(
+            cost,
+            obs,
+            method=method,
+            max_steps=max_steps,
+            progress=progress,
+            **solver_options,
+        )
+        n = obs.n_times
+        background = trajectory(cost, cost.initial_control(obs), n)
+        analysis = trajectory(cost, control, n)
+        diagnostics = innovation_statistics(
+            observations=obs.values,
+            forecast=obs.operator(background),
+            error_std=obs.error_std,
+            mask=obs.mask,
+        )
+        diagnostics = {f"innovation_{key}": v for key, v in diagnostics.items()}
+        if obs.truth is not None:
+            diagnostics["rmse_truth_analysis"] = rmse(
+                estimate=analysis, reference=obs.truth
+            )
+            diagnostics["rmse_truth_background"] = rmse(
+                estimate=background, reference=obs.truth
+            )
+        results.append(
+            WindowResult(
+                times=np.asarray(obs.times),
+                analysis=np.asarray(analysis),
+                background=np.asarray(background),
+                theta=jax.tree.map(np.asarray, control.theta),
+                info=info,
+                diagnostics=diagnostics,
+            )
+        )
+        _, simulator = cost.analysis(control)
+        next_background = advance(simulator, analysis[-1])
+        cost = eqx.tree_at(lambda c: c.background, cost, next_background)
+        if cycle_parameters and control.theta is not None:
+            cost = eqx.tree_at(lambda c: c.parameter_background, cost, control.theta)
+    if not results:
+        raise ValueError("cycle: no observation window to assimilate")
+    return results
+
+
+def analysis_dataset(
+    results: list[WindowResult],
+    *,
+    grid,
+    parameters: dict | None = None,
+    attrs: dict | None = None,
+    time_units: str = "model time units",
+) -> xr.Dataset:
+    """The analysis as a CF-1.8 dataset.
+
+    Variables: `analysis` and `background` `(time, [y,] x)`; one variable per
+    estimated parameter; per-window diagnostics along `window` (start time, cost and
+    gradient norm at the start and end, iterations, solver result, innovation
+    statistics, RMSEs against the truth when known) and the cost / gradient-norm
+    history `(window, iteration)`, NaN-padded.
+
+    **Arguments:**
+
+    - `results`: from `cycle`.
+    - `grid`: the simulator's grid (coordinates).
+    - `parameters`: `{name: (values, attrs)}` with `attrs` holding at least `units`
+      and `long_name`; values are scalars or fields of the grid's shape.
+    - `attrs`: global attributes (method, simulator, settings).
+    """
+    names = ["x"] if grid.ndim == 1 else ["y", "x"]
+    dims = ("time", *names)
+    coords = {
+        "time": (
+            "time",
+            np.concatenate([r.times for r in results]),
+            {"units": time_units, "standard_name": "time", "axis": "T"},
+        ),
+    }
+    for axis, name in enumerate(names):
+        coords[name] = (
+            name,
+            np.asarray(grid.coordinates(axis)),
+            {
+                "units": "model length units",
+                "axis": name.upper(),
+                "long_name": f"{name} coordinate",
+            },
+        )
+    coords["window"] = (
+        "window",
+        np.arange(len(results)),
+        {"long_name": "assimilation window index"},
+    )
+    data = {
+        "analysis": (
+            dims,
+            np.concatenate([r.analysis for r in results]),
+            {"long_name": "analysis state"},
+        ),
+        "background": (
+            dims,
+            np.concatenate([r.background for r in results]),
+            {"long_name": "background (forecast before assimilation)"},
+        ),
+        "window_start_time": (
+            "window",
+            np.array([r.times[0] for r in results]),
+            {"units": time_units},
+        ),
+    }
+    for name, (values, var_attrs) in (parameters or {}).items():
+        values = np.asarray(values)
+        if "units" not in var_attrs:
+            raise ValueError(f"parameter {name!r} needs units")
+        data[name] = (
+            ((), values, var_attrs)
+            if values.ndim == 0
+            else (tuple(names), values, var_attrs)
+        )
+    per_window = {
+        "cost_initial": ([r.info.cost[0] for r in results], "1"),
+        "cost_final": ([r.info.cost[-1] for r in results], "1"),
+        "grad_norm_initial": ([r.info.grad_norm[0] for r in results], "1"),
+        "grad_norm_final": ([r.info.grad_norm[-1] for r in results], "1"),
+        "iterations": ([r.info.steps for r in results], "1"),
+        "converged": ([int(r.info.converged) for r in results], "1"),
+    }
+    for key in results[0].diagnostics:
+        per_window[key] = ([r.diagnostics[key] for r in results], "1")
+    for key, (values, units) in per_window.items():
+        data[key] = ("window", np.asarray(values), {"units": units})
+    data["solver_result"] = (
+        "window",
+        np.array([r.info.result for r in results]),
+        {"long_name": "optimiser result message"},
+    )
+    length = max(len(r.info.cost) for r in results)
+    for key in ("cost", "grad_norm"):
+        history = np.full((len(results), length), np.nan)
+        for i, r in enumerate(results):
+            values = getattr(r.info, key)
+            history[i, : len(values)] = values
+        data[f"{key}_history"] = (
+            ("window", "iteration"),
+            history,
+            {"units": "1", "long_name": f"{key} per iteration"},
+        )
+    return xr.Dataset(
+        data, coords=coords, attrs={"Conventions": "CF-1.8", **(attrs or {})}
+    )
