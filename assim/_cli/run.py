@@ -90,7 +90,8 @@ def _assimilate(cfg: DictConfig) -> dict:
         path = Path(cfg.data.path) if cfg.data.path else bundled_dataset()
     ds = open_observations(path, grid=grid)
     interval = observation_interval(ds, float(cfg.simulator.dt))
-    length = int(method.window_length)
+    length = method.window_length or ds.attrs.get("window_length", 10)
+    length = int(length)
 
     # Held-out sensors: a random fraction of the observed grid points, never
     # assimilated, used for rmse_obs_heldout.

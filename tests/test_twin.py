@@ -1,0 +1,98 @@
+"""Twin-experiment pieces (sensors, splits, missing term) and cycling."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import simulators as sim
+from assim import DiffusionCovariance, ObservationSet, Var4D, cycle
+from assim._twin import MissingTerm, run_twin, sensor_mask
+
+
+def test_sensor_patterns():
+    grid = sim.Grid((40, 50), (1.0, 1.0))
+    rng = np.random.default_rng(0)
+    stations = sensor_mask(grid, 5, rng, pattern="stations", density=0.05)
+    assert stations.shape == (5, 40, 50)
+    assert stations.sum(axis=(1, 2)).tolist() == [100] * 5
+    assert np.all(stations == stations[0])  # fixed
+    tracks = sensor_mask(grid, 5, rng, pattern="tracks", density=0.05)
+    assert np.allclose(tracks.mean(axis=(1, 2)), 0.05, atol=0.015)
+    assert not np.all(tracks == tracks[0])  # moving
+    dropped = sensor_mask(grid, 50, rng, pattern="stations", density=0.5, dropout=0.3)
+    assert abs(dropped.mean() - 0.35) < 0.02
+    with pytest.raises(ValueError, match="density"):
+        sensor_mask(grid, 2, rng, density=0.0)
+    with pytest.raises(ValueError, match="pattern"):
+        sensor_mask(grid, 2, rng, pattern="drifters")
+
+
+def test_twin_splits_and_noise():
+    grid = sim.Grid((16,), (1.0,))
+    truth = sim.Simulator(
+        sim.AdvectionDiffusion(grid, 0.01, [0.3]), sim.crank_nicolson(), 0.02
+    )
+    u0 = jnp.sin(2 * jnp.pi * grid.mesh()[0])
+    twin = run_twin(
+        truth,
+        u0,
+        n_times=20,
+        observation_interval=2,
+        spinup_steps=3,
+        noise_std=0.1,
+        window_length=2,
+        splits=(0.6, 0.2, 0.2),
+        rng=np.random.default_rng(0),
+        sensors={"density": 1.0},
+    )
+    assert twin.split.tolist() == [0] * 12 + [1] * 4 + [2] * 4  # contiguous
+    np.testing.assert_allclose(twin.truth[0], truth.rollout(u0, 3)[-1], atol=1e-12)
+    noise = twin.obs - twin.truth
+    assert 0.08 < noise.std() < 0.12
+    with pytest.raises(ValueError, match="multiple of window_length"):
+        run_twin(
+            truth,
+            u0,
+            n_times=5,
+            observation_interval=1,
+            spinup_steps=0,
+            noise_std=0.1,
+            window_length=2,
+            splits=(1, 0, 0),
+            rng=np.random.default_rng(0),
+            sensors={},
+        )
+
+
+def test_missing_term():
+    u = jnp.asarray([1.0, -2.0])
+    np.testing.assert_allclose(MissingTerm("cubic", 0.5)(u), [-0.5, 4.0])
+    np.testing.assert_allclose(MissingTerm("decay", 0.5)(u), [-0.5, 1.0])
+    with pytest.raises(ValueError, match="missing term"):
+        MissingTerm("quadratic", 1.0)
+
+
+def test_cycle_background_is_previous_forecast():
+    grid = sim.Grid((16,), (1.0,))
+    model = sim.Simulator(
+        sim.AdvectionDiffusion(grid, 0.01, [0.3]), sim.crank_nicolson(), 0.02
+    )
+    x = grid.mesh()[0]
+    states = model.rollout(jnp.sin(2 * jnp.pi * x), 11)[::2]  # 6 times, interval 2
+    windows = [
+        ObservationSet(
+            states[k : k + 3],
+            jnp.ones((3, 16), bool),
+            jnp.full((3, 16), 0.05),
+            jnp.arange(k, k + 3) * 0.04,
+        )
+        for k in (0, 3)
+    ]
+    template = Var4D(model, jnp.zeros(16), DiffusionCovariance(grid, 0.5, 0.1), 2)
+    results = cycle(template, windows, method="gauss-newton", max_steps=3)
+    assert len(results) == 2
+    expected = model.rollout(jnp.asarray(results[0].analysis[-1]), 2)[-1]
+    np.testing.assert_allclose(results[1].background[0], expected, atol=1e-10)
+    # Perfect observations everywhere: the second window starts close and ends closer.
+    assert results[1].diagnostics["innovation_std"] < 0.1
+    assert np.abs(results[1].analysis - np.asarray(states[3:6])).max() < 0.05
