@@ -10,6 +10,7 @@ Incremental 4D-Var, cycling, diagnostics, `assim-run` and unrolled networks come
 from ._covariance import AbstractCovariance as AbstractCovariance
 from ._covariance import DiagonalCovariance as DiagonalCovariance
 from ._covariance import DiffusionCovariance as DiffusionCovariance
+from ._covariance import SpectralCovariance as SpectralCovariance
 from ._cycle import WindowResult as WindowResult
 from ._cycle import analysis_dataset as analysis_dataset
 from ._cycle import cycle as cycle

@@ -117,3 +117,63 @@ class DiffusionCovariance(AbstractCovariance):
 
     def sqrt_transpose(self, x):
         return self.sqrt(x)  # symmetric
+
+
+class SpectralCovariance(AbstractCovariance):
+    """A homogeneous (translation-invariant) covariance on a periodic grid, diagonal in
+    Fourier space: `B = F^* diag(spectrum) F` with `F` the unitary DFT, applied as a
+    spectral filter `S v = F^* (sqrt(spectrum) F v)`. On a translation-invariant
+    system (Lorenz-96, Kuramoto-Sivashinsky, periodic turbulence) the climatological
+    covariance is exactly of this form, so `from_samples` gives the static `B` of
+    3D-Var and optimal interpolation without a dense matrix.
+
+    **Arguments:**
+
+    - `grid`: a periodic `Grid`.
+    - `spectrum`: variance per Fourier mode in `rfftn` layout (last axis halved),
+      non-negative.
+    """
+
+    grid: Grid
+    spectrum: Float[Array, "..."] = eqx.field(converter=jnp.asarray)
+
+    def __check_init__(self):
+        if self.grid.boundary != "periodic":
+            raise ValueError("SpectralCovariance needs a periodic grid")
+        shape = (*self.grid.shape[:-1], self.grid.shape[-1] // 2 + 1)
+        if self.spectrum.shape != shape:
+            raise ValueError(
+                f"spectrum must have the rfft shape {shape}, got {self.spectrum.shape}"
+            )
+        if is_concrete(self.spectrum) and np.any(np.asarray(self.spectrum) < 0):
+            raise ValueError("spectrum (variances) must be non-negative")
+
+    @classmethod
+    def from_samples(cls, grid: Grid, samples, scale: float = 1.0):
+        """The sample covariance of `samples` `(n, *grid)` (e.g. a climatology or
+        forecast errors), made homogeneous by averaging over translations, times
+        `scale`."""
+        samples = np.asarray(samples, dtype=np.float64)
+        if samples.ndim != grid.ndim + 1 or samples.shape[1:] != grid.shape:
+            raise ValueError(
+                f"samples must have shape (n, {', '.join(map(str, grid.shape))}), got "
+                f"{samples.shape}"
+            )
+        anomalies = samples - samples.mean(axis=0)
+        axes = tuple(range(1, grid.ndim + 1))
+        power = np.abs(np.fft.rfftn(anomalies, axes=axes, norm="ortho")) ** 2
+        return cls(grid, scale * power.mean(axis=0))
+
+    def _axes(self):
+        return tuple(range(-self.grid.ndim, 0))
+
+    def sqrt(self, v):
+        axes = self._axes()
+        v_hat = jnp.fft.rfftn(v, axes=axes, norm="ortho")
+        out = jnp.fft.irfftn(
+            jnp.sqrt(self.spectrum) * v_hat, s=self.grid.shape, axes=axes, norm="ortho"
+        )
+        return out.astype(v.dtype)
+
+    def sqrt_transpose(self, x):
+        return self.sqrt(x)  # symmetric: a real, even filter

@@ -255,7 +255,7 @@ def _objective(method: Method):
 @eqx.filter_jit
 def _init(solver, method, y, args):
     fn = _objective(method)
-    f_struct, aux_struct = jax.eval_shape(fn, y, args)
+    f_struct, aux_struct = eqx.filter_eval_shape(fn, y, args)
     return solver.init(fn, y, args, {}, f_struct, aux_struct, frozenset())
 
 

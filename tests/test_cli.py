@@ -138,12 +138,12 @@ def test_data_then_run_end_to_end(tmp_path):
 
 
 def test_run_bundled_dataset_default(tmp_path):
-    # The README's main job, cut to one window and two outer loops for time.
+    # The README's main job, cut to two windows of three outer loops for time.
     run = _app(
         "run",
         tmp_path,
-        "data.max_windows=1",
-        "method.max_steps=2",
+        "data.max_windows=2",
+        "method.max_steps=3",
         "plot=false",
         "progress=false",
     )

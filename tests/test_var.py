@@ -9,7 +9,11 @@ from helpers import observed_orders, taylor_remainders
 
 import simulators as sim
 from assim import LinearInterpolation
-from assim._covariance import DiagonalCovariance, DiffusionCovariance
+from assim._covariance import (
+    DiagonalCovariance,
+    DiffusionCovariance,
+    SpectralCovariance,
+)
 from assim._observations import ObservationSet
 from assim._var import Control, Var4D, minimise
 
@@ -270,3 +274,31 @@ def test_bad_problem_setup():
         minimise(Var4D(truth, background, B), obs, method="newton")
     with pytest.raises(ValueError, match="mask has shape"):
         ObservationSet(obs.values, obs.mask[:1], obs.error_std, obs.times)
+
+
+def test_spectral_covariance_matches_sample_covariance():
+    # Samples of a stationary process on a periodic grid: the spectral B equals the
+    # translation-averaged sample covariance, and S S^T = B.
+    grid = sim.Grid((12,), (12.0,))
+    rng = np.random.default_rng(0)
+    white = rng.normal(size=(4000, 12))
+    samples = white + 0.8 * np.roll(white, 1, axis=1) - 0.3 * np.roll(white, 2, axis=1)
+    cov = SpectralCovariance.from_samples(grid, samples)
+    basis = jnp.eye(12)
+    sqrt = jax.vmap(cov.sqrt)(basis).T
+    dense = sqrt @ sqrt.T
+    np.testing.assert_allclose(dense, dense.T, atol=1e-12)
+    sample = np.cov(samples.T, bias=True)
+    averaged = np.mean([np.roll(np.roll(sample, -i, 0), -i, 1) for i in range(12)], 0)
+    # The translation average of the sample covariance is circulant: row 0 rolled.
+    np.testing.assert_allclose(dense, _circulant(averaged[0]), atol=1e-10)
+    # Lag correlations of the process: 1 + .64 + .09 = 1.73 variance, lag-1 0.56.
+    assert abs(dense[0, 0] - 1.73) < 0.1 and abs(dense[0, 1] - 0.56) < 0.1
+    with pytest.raises(ValueError, match="periodic"):
+        SpectralCovariance(sim.Grid((5,), (1.0,), "dirichlet"), np.ones(3))
+    with pytest.raises(ValueError, match="non-negative"):
+        SpectralCovariance(grid, -np.ones(7))
+
+
+def _circulant(row):
+    return np.stack([np.roll(row, i) for i in range(row.size)])
