@@ -1,10 +1,11 @@
 """Learned variational data assimilation on top of `simulators`.
 
-So far: observation files (open lazily, validate, read window by window), `B` through
-its square root (diagonal, diffusion-correlated), 3D/4D-Var with joint parameter
-estimation minimised by L-BFGS, scores (RMSE, mu, effective resolution, innovation
-statistics), atomic writers and the `assim-simulate` CLI.
-Incremental 4D-Var, cycling, diagnostics, `assim-run` and unrolled networks come next.
+Observation files (open lazily, validate, read window by window) and operators
+(grid selection, linear interpolation), background covariances through their square
+roots (diagonal, diffusion-correlated, spectral), 3D-Var and strong- / weak-constraint
+4D-Var with joint parameter estimation, L-BFGS and incremental Gauss-Newton solvers,
+cycling, scores, twin experiments, atomic writers and the CLIs (`assim-run`,
+`assim-data`, `assim-simulate`). Unrolled networks come next.
 """
 
 from ._covariance import AbstractCovariance as AbstractCovariance
