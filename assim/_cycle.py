@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import xarray as xr
 
+from ._io import cf_coords
 from ._metrics import innovation_statistics, rmse
 from ._observations import ObservationSet
 from ._var import Method, SolveInfo, Var4D, minimise
@@ -143,25 +144,10 @@ def analysis_dataset(
       and `long_name`; values are scalars or fields of the grid's shape.
     - `attrs`: global attributes (method, simulator, settings).
     """
-    names = ["x"] if grid.ndim == 1 else ["y", "x"]
+    names, coords = cf_coords(
+        grid, np.concatenate([r.times for r in results]), time_units
+    )
     dims = ("time", *names)
-    coords = {
-        "time": (
-            "time",
-            np.concatenate([r.times for r in results]),
-            {"units": time_units, "standard_name": "time", "axis": "T"},
-        ),
-    }
-    for axis, name in enumerate(names):
-        coords[name] = (
-            name,
-            np.asarray(grid.coordinates(axis)),
-            {
-                "units": "model length units",
-                "axis": name.upper(),
-                "long_name": f"{name} coordinate",
-            },
-        )
     coords["window"] = (
         "window",
         np.arange(len(results)),

@@ -5,6 +5,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import xarray as xr
 
 
@@ -44,3 +45,27 @@ def write_json(obj, path) -> Path:
 def savefig(fig, path) -> Path:
     """Save a matplotlib figure atomically (PNG)."""
     return _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def cf_coords(grid, times, time_units: str = "model time units"):
+    """`(names, coords)`: the grid's CF dimension names (`("x",)` or `("y", "x")`)
+    and xarray coordinates `time`, `y`, `x` with `units` and `axis`."""
+    names = ("x",) if grid.ndim == 1 else ("y", "x")
+    coords = {
+        "time": (
+            "time",
+            np.asarray(times),
+            {"units": time_units, "standard_name": "time", "axis": "T"},
+        )
+    }
+    for axis, name in enumerate(names):
+        coords[name] = (
+            name,
+            np.asarray(grid.coordinates(axis)),
+            {
+                "units": "model length units",
+                "axis": name.upper(),
+                "long_name": f"{name} coordinate",
+            },
+        )
+    return names, coords

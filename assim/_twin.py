@@ -9,6 +9,7 @@ import xarray as xr
 from simulators import Grid, Simulator
 
 from ._covariance import DiffusionCovariance
+from ._io import cf_coords
 
 
 def random_field(grid: Grid, rng: np.random.Generator, length_scale: float):
@@ -169,22 +170,9 @@ def twin_dataset(
     `extra`: `{name: (dims, values, attrs)}` for evaluation-only variables (the hidden
     true parameters), written next to `truth`.
     """
-    names = ["x"] if grid.ndim == 1 else ["y", "x"]
-    dims = ("time", *names)
     n = twin.truth.shape[0]
-    coords = {
-        "time": (
-            "time",
-            np.arange(n) * dt * observation_interval,
-            {"units": "model time units", "standard_name": "time", "axis": "T"},
-        ),
-    }
-    for axis, name in enumerate(names):
-        coords[name] = (
-            name,
-            np.asarray(grid.coordinates(axis)),
-            {"units": "model length units", "axis": name.upper()},
-        )
+    names, coords = cf_coords(grid, np.arange(n) * dt * observation_interval)
+    dims = ("time", *names)
     data = {
         "obs": (
             dims,

@@ -42,21 +42,10 @@ def smooth_random_state(grid, *, seed: int, amplitude: float) -> np.ndarray:
 def _dataset(model, trajectory, dt, cfg):
     import xarray as xr
 
+    from assim._io import cf_coords
+
     grid = model.grid
-    names = ["x"] if grid.ndim == 1 else ["y", "x"]
-    coords = {
-        "time": (
-            "time",
-            np.arange(trajectory.shape[0]) * dt,
-            {"units": "model time units", "long_name": "time"},
-        )
-    }
-    for axis, name in enumerate(names):
-        coords[name] = (
-            name,
-            np.asarray(grid.coordinates(axis)),
-            {"units": "model length units", "axis": name.upper()},
-        )
+    names, coords = cf_coords(grid, np.arange(trajectory.shape[0]) * dt)
     attrs = {
         "Conventions": "CF-1.8",
         "title": f"{type(model).__name__} rollout",
