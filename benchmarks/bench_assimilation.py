@@ -108,6 +108,26 @@ def cycled(simulator, B, truth, obs, interval, window, burn, *, method="gauss-ne
     return errors, (time.perf_counter() - t0) / max(n_cycles, 1)
 
 
+def analyse(simulator, background, B, y, inner_steps, inner_rtol):
+    """The 3D-Var analysis of one fully observed time `y` (R = I): step 1 of an
+    optimistix solve evaluates the start, step 2 is the exact Gauss-Newton
+    (linear-Gaussian) update."""
+    shape = (1, *y.shape)
+    window_obs = ObservationSet(
+        jnp.asarray(y[None]), jnp.ones(shape, bool), jnp.ones(shape), jnp.zeros(1)
+    )
+    cost = Var4D(simulator, jnp.asarray(background), B)  # no model step
+    control, _ = minimise(
+        cost,
+        window_obs,
+        method="gauss-newton",
+        max_steps=2,
+        inner_steps=inner_steps,
+        inner_rtol=inner_rtol,
+    )
+    return cost.analysis(control)[0]
+
+
 def var3d(simulator, B, truth, obs, interval, burn):
     """Cycled 3D-Var: background = forecast, analysis at the observation time."""
     n = obs.shape[0]
@@ -119,22 +139,7 @@ def var3d(simulator, B, truth, obs, interval, burn):
         xb = forecast(simulator, xb)
         if k == burn:
             t0, count = time.perf_counter(), 0
-        window_obs = ObservationSet(
-            jnp.asarray(obs[k : k + 1]),
-            jnp.ones((1, *obs.shape[1:]), bool),
-            jnp.ones((1, *obs.shape[1:])),
-            jnp.zeros(1),
-        )
-        cost = Var4D(simulator, xb, B)
-        control, _ = minimise(
-            cost,
-            window_obs,
-            method="gauss-newton",
-            max_steps=2,
-            inner_steps=40,
-            inner_rtol=1e-8,
-        )
-        xb, _ = cost.analysis(control)
+        xb = analyse(simulator, xb, B, obs[k], 40, 1e-8)
         count += 1
         if k >= burn:
             errors.append(float(np.sqrt(np.mean((np.asarray(xb) - truth[k]) ** 2))))
@@ -145,27 +150,9 @@ def optimal_interpolation(simulator, B, climate_mean, truth, obs):
     """OI: the climatological mean as background with the climatological B, R = I,
     at every observation time (a 3D-Var that does not use the model)."""
     errors = []
-    grid = B.grid
     t0 = time.perf_counter()
     for k in range(obs.shape[0]):
-        window_obs = ObservationSet(
-            jnp.asarray(obs[k : k + 1]),
-            jnp.ones((1, *grid.shape), bool),
-            jnp.ones((1, *grid.shape)),
-            jnp.zeros(1),
-        )
-        cost = Var4D(simulator, jnp.asarray(climate_mean), B)  # no model step
-        # Step 1 of an optimistix solve evaluates the start; step 2 is the exact
-        # Gauss-Newton (linear-Gaussian) update.
-        control, _ = minimise(
-            cost,
-            window_obs,
-            method="gauss-newton",
-            max_steps=2,
-            inner_steps=80,
-            inner_rtol=1e-10,
-        )
-        xa, _ = cost.analysis(control)
+        xa = analyse(simulator, climate_mean, B, obs[k], 80, 1e-10)
         errors.append(float(np.sqrt(np.mean((np.asarray(xa) - truth[k]) ** 2))))
     return errors, (time.perf_counter() - t0) / obs.shape[0]
 

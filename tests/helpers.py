@@ -111,6 +111,15 @@ def taylor_remainders(loss, x, direction, hs):
     return np.array(r1), np.array(r2)
 
 
+def assert_taylor_orders(loss, x, direction):
+    """Taylor test at h = 1e-2 / 2^k, k < 4: the first-order remainder decays with
+    order 1 (within 0.2) and the gradient-corrected one with order > 1.8."""
+    hs = 1e-2 * 0.5 ** np.arange(4)
+    r1, r2 = taylor_remainders(loss, x, direction, hs)
+    assert np.all(np.abs(observed_orders(hs, r1) - 1) < 0.2), r1
+    assert np.all(observed_orders(hs, r2) > 1.8), r2
+
+
 def observed_orders(hs, errors) -> np.ndarray:
     """Successive convergence rates log(e_i / e_{i+1}) / log(h_i / h_{i+1})."""
     hs, errors = np.asarray(hs), np.asarray(errors)
