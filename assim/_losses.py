@@ -1,0 +1,151 @@
+"""Training losses for unrolled networks: supervised (against `truth`), observation
+masking (no ground truth), optimality residual (physics), and denoising (for a
+plug-and-play prior). All take one window; `batch_loss` vmaps them over a batch."""
+
+import dataclasses
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._observations import ObservationSet
+from ._unrolled import UnrolledVar
+
+Hide = Literal["points", "sensors"]
+
+
+class Batch(eqx.Module):
+    """A batch of windows: observations stacked along a leading axis (every leaf of
+    the `ObservationSet`) and one background per window."""
+
+    obs: ObservationSet
+    background: Float[Array, "batch ..."]
+
+    @classmethod
+    def stack(cls, windows: list[ObservationSet], backgrounds) -> "Batch":
+        obs = jax.tree.map(lambda *leaves: jnp.stack(leaves), *windows)
+        return cls(obs, jnp.stack(list(backgrounds)))
+
+    @property
+    def size(self) -> int:
+        return self.background.shape[0]
+
+
+def hide(obs: ObservationSet, fraction: float, by: Hide, *, key: PRNGKeyArray):
+    """Split a window's observations into what the network sees and what scores it.
+
+    `by="points"` hides each observed value with probability `fraction`;
+    `by="sensors"` hides whole sensors (a location at every time). Neither set holds
+    `truth`.
+
+    **Returns:** `(visible, hidden)` `ObservationSet`s.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"masking fraction must be in (0, 1), got {fraction}")
+    if by == "points":
+        drop = jax.random.uniform(key, obs.mask.shape) < fraction
+    elif by == "sensors":
+        drop = jax.random.uniform(key, obs.mask.shape[1:]) < fraction
+        drop = jnp.broadcast_to(drop, obs.mask.shape)
+    else:
+        raise ValueError(f"hide by must be 'points' or 'sensors', got {by!r}")
+    visible = dataclasses.replace(obs, mask=obs.mask & ~drop, truth=None)
+    hidden = dataclasses.replace(obs, mask=obs.mask & drop, truth=None)
+    return visible, hidden
+
+
+def _mean_square(r, weight):
+    return jnp.sum(weight * r**2) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def supervised_loss(net: UnrolledVar, obs: ObservationSet, background) -> Array:
+    """Mean squared error of the analysed trajectory against `obs.truth`, divided by
+    `net.scale ** 2` (twin experiments only)."""
+    if obs.truth is None:
+        raise ValueError("the supervised loss needs 'truth' (a twin experiment)")
+    trajectory = net.analysis(obs, background)
+    return jnp.mean((trajectory - obs.truth) ** 2) / net.scale**2
+
+
+def masking_loss(
+    net: UnrolledVar,
+    obs: ObservationSet,
+    background,
+    *,
+    key: PRNGKeyArray,
+    fraction: float = 0.2,
+    by: Hide = "points",
+) -> Array:
+    """The observation-masking loss: the network assimilates the visible part of the
+    window and is scored (mean squared whitened misfit) on the hidden part. It never
+    reads `truth` (both sets are built without it)."""
+    visible, hidden = hide(obs, fraction, by, key=key)
+    trajectory = net.analysis(visible, background)
+    weight = hidden.mask.astype(trajectory.dtype)
+    return _mean_square(hidden.innovations(trajectory), weight)
+
+
+def residual_loss(net: UnrolledVar, obs: ObservationSet, background) -> Array:
+    """The optimality residual at the network's output: the mean square of the
+    B-preconditioned gradient of the window cost (`lambda = 1`),
+    `(x - x_b) + B grad J_o(x)`, divided by `net.scale ** 2`. Zero at a stationary
+    point of 4D-Var; no truth needed."""
+    x = net(obs, background)
+    d = (x - background) + net.observation_gradient(x, obs)
+    return jnp.mean(d**2) / net.scale**2
+
+
+def denoising_loss(
+    net: UnrolledVar, fields: Array, noise_std: float, *, key: PRNGKeyArray
+) -> Array:
+    """Train a plug-and-play prior's denoiser on clean fields `(batch, *grid)`:
+    mean squared error of `D(x + noise)` against `x`, divided by `net.scale ** 2`."""
+    if net.prior is None or not hasattr(net.prior, "denoise"):
+        raise ValueError("denoising_loss needs a network with a plug-and-play prior")
+    noisy = fields + noise_std * jax.random.normal(key, fields.shape, fields.dtype)
+    clean = jax.vmap(net.prior.denoise)(noisy)
+    return jnp.mean((clean - fields) ** 2) / net.scale**2
+
+
+Loss = Literal["supervised", "masking", "residual"]
+
+
+def window_loss(
+    net: UnrolledVar,
+    obs: ObservationSet,
+    background,
+    *,
+    key: PRNGKeyArray,
+    weights: dict[str, float],
+    fraction: float = 0.2,
+    by: Hide = "points",
+) -> tuple[Array, dict[str, Array]]:
+    """A weighted sum of the named losses (`weights`, e.g. `{"masking": 1.0,
+    "residual": 0.1}`) on one window, and each term."""
+    terms = {}
+    for name in weights:
+        if name == "supervised":
+            terms[name] = supervised_loss(net, obs, background)
+        elif name == "masking":
+            terms[name] = masking_loss(
+                net, obs, background, key=key, fraction=fraction, by=by
+            )
+        elif name == "residual":
+            terms[name] = residual_loss(net, obs, background)
+        else:
+            raise ValueError(
+                f"unknown loss {name!r}: expected supervised, masking or residual"
+            )
+    total = sum(weights[name] * terms[name] for name in terms)
+    return total, terms
+
+
+def batch_loss(net: UnrolledVar, batch: Batch, *, key: PRNGKeyArray, **options):
+    """`window_loss` averaged over a batch (vmapped; one key per window)."""
+    keys = jax.random.split(key, batch.size)
+    total, terms = jax.vmap(lambda o, b, k: window_loss(net, o, b, key=k, **options))(
+        batch.obs, batch.background, keys
+    )
+    return jnp.mean(total), jax.tree.map(jnp.mean, terms)
