@@ -5,7 +5,8 @@ Observation files (open lazily, validate, read window by window) and operators
 roots (diagonal, diffusion-correlated, spectral), 3D-Var and strong- / weak-constraint
 4D-Var with joint parameter estimation, L-BFGS and incremental Gauss-Newton solvers,
 cycling, scores, twin experiments, atomic writers and the CLIs (`assim-run`,
-`assim-data`, `assim-simulate`). Unrolled networks come next.
+`assim-data`, `assim-simulate`). Unrolled variational networks (`UnrolledVar`), their
+losses and their training (`train`, `assim-train`).
 """
 
 from ._covariance import AbstractCovariance as AbstractCovariance
@@ -17,10 +18,24 @@ from ._cycle import analysis_dataset as analysis_dataset
 from ._cycle import cycle as cycle
 from ._io import write_json as write_json
 from ._io import write_netcdf as write_netcdf
+from ._losses import Batch as Batch
+from ._losses import batch_loss as batch_loss
+from ._losses import denoising_loss as denoising_loss
+from ._losses import hide as hide
+from ._losses import masking_loss as masking_loss
+from ._losses import residual_loss as residual_loss
+from ._losses import supervised_loss as supervised_loss
+from ._losses import window_loss as window_loss
 from ._metrics import effective_resolution as effective_resolution
 from ._metrics import innovation_statistics as innovation_statistics
 from ._metrics import mu_score as mu_score
 from ._metrics import rmse as rmse
+from ._networks import ConvLSTMSolver as ConvLSTMSolver
+from ._networks import ConvNet as ConvNet
+from ._networks import NeuralCorrection as NeuralCorrection
+from ._networks import PlugAndPlayPrior as PlugAndPlayPrior
+from ._networks import ProximalPrior as ProximalPrior
+from ._networks import WarmStart as WarmStart
 from ._observations import ObservationError as ObservationError
 from ._observations import ObservationSet as ObservationSet
 from ._observations import iter_windows as iter_windows
@@ -28,6 +43,18 @@ from ._observations import open_observations as open_observations
 from ._operators import AbstractObservationOperator as AbstractObservationOperator
 from ._operators import GridSelection as GridSelection
 from ._operators import LinearInterpolation as LinearInterpolation
+from ._train import TrainingStopped as TrainingStopped
+from ._train import TrainSettings as TrainSettings
+from ._train import TrainState as TrainState
+from ._train import evaluate as evaluate
+from ._train import init_state as init_state
+from ._train import load_checkpoint as load_checkpoint
+from ._train import obs_mean_background as obs_mean_background
+from ._train import read_header as read_header
+from ._train import save_checkpoint as save_checkpoint
+from ._train import train as train
+from ._train import windows_batch as windows_batch
+from ._unrolled import UnrolledVar as UnrolledVar
 from ._var import Control as Control
 from ._var import ModelErrorForcing as ModelErrorForcing
 from ._var import SolveInfo as SolveInfo

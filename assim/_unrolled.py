@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from simulators import Simulator
+from simulators import NewtonKrylov, Simulator
 
 from ._covariance import AbstractCovariance
 from ._networks import (
@@ -121,6 +121,12 @@ class UnrolledVar(eqx.Module):
             raise ValueError(f"prior must be None, 'proximal' or 'pnp', got {prior!r}")
         if checkpoints is not None and checkpoints < 1:
             raise ValueError(f"checkpoints must be None or >= 1, got {checkpoints}")
+        if isinstance(getattr(simulator.scheme, "solver", None), NewtonKrylov):
+            raise ValueError(
+                "unrolled networks differentiate the adjoint (reverse over reverse), "
+                "which the Newton-Krylov implicit adjoint does not support: use an "
+                "IMEX or explicit scheme (e.g. simulators.IMEXRungeKutta)"
+            )
         grid = simulator.model.grid
         dtype = jnp.zeros(()).dtype
         k_prior, k_solver, k_warm = jax.random.split(key, 3)
@@ -223,6 +229,44 @@ class UnrolledVar(eqx.Module):
         g = jax.grad(jo)(x0)
         B = self.background_covariance
         return B.sqrt(B.sqrt_transpose(g))
+
+    def curvature(self, obs: ObservationSet, background: Array, iterations: int = 20):
+        """The largest eigenvalue of the B-preconditioned Gauss-Newton Hessian of the
+        observation term at `background` (power iteration on
+        `v -> B H'^T R^-1 H' v`, matrix-free), plus the regularisation `lambda_1`:
+        a gradient step below `1 / curvature` is stable on the window's quadratic
+        model, which is how `with_stable_steps` sets the initial steps."""
+        simulator = self.model()
+
+        def residual(x):
+            return obs.innovations(self.trajectory(x, obs.n_times, simulator))
+
+        _, linear = jax.linearize(residual, background)
+        transpose = jax.linear_transpose(linear, background)
+        B = self.background_covariance
+
+        def apply(v):
+            (g,) = transpose(linear(v))
+            return B.sqrt(B.sqrt_transpose(g))
+
+        v = jnp.ones_like(background) / np.sqrt(background.size)
+
+        def body(_, carry):
+            v, _ = carry
+            w = apply(v)
+            norm = jnp.linalg.norm(w)
+            return w / jnp.where(norm > 0, norm, 1.0), norm
+
+        _, top = jax.lax.fori_loop(0, iterations, body, (v, jnp.zeros((), v.dtype)))
+        return top + self.regularisation_weights()[0]
+
+    def with_stable_steps(self, obs, background, fraction: float = 1.0):
+        """The network with every step size set to `fraction / curvature` on one
+        window (a stable start for training; the steps are learned afterwards)."""
+        step = fraction / self.curvature(obs, background)
+        return eqx.tree_at(
+            lambda m: m.log_step, self, jnp.full_like(self.log_step, jnp.log(step))
+        )
 
     def first_guess(self, obs: ObservationSet, background: Array) -> Array:
         if self.warm_start is None:

@@ -165,7 +165,7 @@ def generate_twin(sim_cfg: DictConfig, twin_cfg: DictConfig, seed: int):
 
 def run_app(name: str, cfg: DictConfig, body: Callable[[DictConfig], dict]):
     """Run a CLI body: float64 switch, one-line errors and exit code 2 on bad input."""
-    from assim import ObservationError
+    from assim import ObservationError, TrainingStopped
 
     if cfg.get("float64"):
         jax.config.update("jax_enable_x64", True)
@@ -176,8 +176,10 @@ def run_app(name: str, cfg: DictConfig, body: Callable[[DictConfig], dict]):
         log.error("%s", message)
         print(f"{name}: error: {message}", file=sys.stderr)
         sys.exit(2)
-    except (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError) as e:  # in jit
-        message = str(e).strip().splitlines()[0]
+    except (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError, TrainingStopped) as e:
+        from assim._train import error_summary
+
+        message = error_summary(e)
         log.error("%s", message)
         print(f"{name}: solver error: {message}", file=sys.stderr)
         sys.exit(3)

@@ -1,0 +1,172 @@
+"""`assim-train`: train an unrolled variational network.
+
+With no arguments: the bundled 2D advection-diffusion dataset, the masking loss (no
+ground truth), 5 layers with momentum and a proximal CNN prior, the diffusivity field
+learned jointly. Writes `checkpoint.eqx` and `metrics.jsonl` into the hydra run
+directory; `resume=true hydra.run.dir=THAT_DIR` continues where it stopped, e.g.
+`assim-train training.losses='{supervised: 1.0}'`, `assim-train network.prior=pnp`.
+"""
+
+import time
+from pathlib import Path
+
+import hydra
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from .common import build_simulator, generate_twin, log, run_app
+from .network import build_network, network_header, training_settings
+
+
+def split_windows(ds, length: int, dtype):
+    """The file's windows grouped by its `split` variable (0 train, 1 validation,
+    2 test; without one: the first 80% train, the next 10% validation)."""
+    from assim import iter_windows
+
+    windows = list(iter_windows(ds, length))
+    if "split" in ds.variables:
+        split = np.asarray(ds["split"].values)
+        labels = [int(split[k * length]) for k in range(len(windows))]
+    else:
+        n = len(windows)
+        labels = [0 if k < 0.8 * n else 1 if k < 0.9 * n else 2 for k in range(n)]
+    groups = {0: [], 1: [], 2: []}
+    for label, obs in zip(labels, windows, strict=True):
+        groups[label].append(
+            jax.tree.map(
+                lambda a: (
+                    a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+                ),
+                obs,
+            )
+        )
+    return groups
+
+
+def _train(cfg: DictConfig) -> dict:
+    from assim import open_observations, train, windows_batch
+
+    from .run import bundled_dataset, observation_interval
+
+    out = Path(HydraConfig.get().runtime.output_dir)
+    simulator, _ = build_simulator(cfg.simulator)
+    grid = simulator.model.grid
+    dtype = jnp.zeros(()).dtype
+    if cfg.data.kind == "twin":
+        from assim import write_netcdf
+
+        path = out / "observations.nc"
+        write_netcdf(generate_twin(cfg.simulator, cfg.twin, int(cfg.seed)), path)
+    else:
+        path = Path(cfg.data.path) if cfg.data.path else bundled_dataset()
+    ds = open_observations(path, grid=grid)
+    interval = observation_interval(ds, float(cfg.simulator.dt))
+    length = int(cfg.network.window_length or ds.attrs.get("window_length", 10))
+    groups = split_windows(ds, length, dtype)
+    if not groups[0]:
+        raise ValueError("the observation file has no training window")
+    if cfg.data.max_windows:
+        groups = {k: v[: int(cfg.data.max_windows)] for k, v in groups.items()}
+    data = windows_batch(groups[0], grid.shape)
+    validation = windows_batch(groups[1], grid.shape) if groups[1] else None
+    # The networks' input scale: the spread of the training observations (no truth).
+    observed = np.asarray(data.obs.values)[np.asarray(data.obs.mask)]
+    scale = float(observed.std()) or 1.0
+    net, parameter = build_network(
+        cfg.simulator,
+        cfg.network,
+        n_times=length,
+        interval=interval,
+        scale=scale,
+        seed=cfg.seed,
+    )
+    if cfg.network.step == "auto":  # stable on the first training window
+        net = net.with_stable_steps(
+            jax.tree.map(lambda a: a[0], data.obs), data.background[0]
+        )
+    settings = training_settings(cfg.training, cfg.seed)
+    checkpoint = Path(cfg.checkpoint)
+    if not checkpoint.is_absolute():
+        checkpoint = out / checkpoint
+    metrics_log = Path(cfg.log)
+    if not metrics_log.is_absolute():
+        metrics_log = out / metrics_log
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=settings.steps, desc="train", unit="step")
+
+    def on_step(step, record):
+        if bar is not None:
+            bar.n = step
+            shown = {
+                k: f"{v:.4g}"
+                for k, v in record.items()
+                if k not in ("step", "validation")
+            }
+            if "validation" in record:
+                shown["val"] = f"{record['validation']['loss']:.4g}"
+            bar.set_postfix(shown)
+            bar.refresh()
+
+    header = network_header(cfg, n_times=length, interval=interval, scale=scale)
+    t0 = time.perf_counter()
+    try:
+        trained, records = train(
+            net,
+            data,
+            settings,
+            validation=validation,
+            checkpoint=checkpoint,
+            header=header,
+            resume=bool(cfg.resume),
+            log=metrics_log,
+            on_step=on_step,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    summary = {
+        "checkpoint": str(checkpoint),
+        "log": str(metrics_log),
+        "steps": settings.steps,
+        "train_windows": data.size,
+        "validation_windows": 0 if validation is None else validation.size,
+        "final_loss": records[-1]["loss"] if records else None,
+        "validation": next(
+            (r["validation"] for r in reversed(records) if "validation" in r), None
+        ),
+        "wall_time_s": time.perf_counter() - t0,
+    }
+    if parameter is not None:
+        value = np.asarray(parameter.value(trained.theta))
+        summary["parameter"] = {
+            "name": cfg.simulator.parameter.name,
+            "mean": float(value.mean()),
+        }
+        true_name = f"true_{cfg.simulator.parameter.name}"
+        if true_name in ds.variables:  # evaluation only, after training
+            true = np.asarray(ds[true_name].values)
+            summary["parameter"]["relative_l2_error"] = float(
+                np.linalg.norm(value - true) / np.linalg.norm(true)
+            )
+    log.info("wrote %s", checkpoint)
+    return summary
+
+
+@hydra.main(version_base=None, config_path="pkg://assim.configs", config_name="train")
+def _main(cfg: DictConfig) -> None:
+    summary = run_app("assim-train", cfg, _train)
+    print(OmegaConf.to_yaml(OmegaConf.create(summary)))
+
+
+def main():
+    _main()
+
+
+if __name__ == "__main__":
+    main()

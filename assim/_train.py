@@ -1,0 +1,330 @@
+"""Training unrolled networks: optax optimiser and schedule, jitted vmapped steps,
+validation, a JSON-lines metrics log, atomic checkpoints with exact resume, and a
+stop on a non-finite loss that keeps the last good state."""
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import PyTree
+
+from ._losses import Batch, batch_loss
+from ._unrolled import UnrolledVar
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on a non-finite loss or gradient, or a failed solve; the last
+    good state is in the checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """How to train.
+
+    - `steps`, `batch_size`: optimiser steps and windows per step.
+    - `learning_rate`, `warmup_steps`, `clip_norm`: Adam with linear warm-up and
+      cosine decay to `learning_rate * final_fraction`, gradients clipped by global
+      norm.
+    - `losses`: weights of the loss terms, e.g. `{"masking": 1.0}`.
+    - `mask_fraction`, `mask_by`: the masking loss's hidden share and unit.
+    - `validate_every`, `checkpoint_every`: in steps (0: only at the end).
+    - `seed`: batches and masks are drawn from `fold_in(seed, step)`, so that a
+      resumed run draws what the uninterrupted run would have.
+    """
+
+    steps: int = 200
+    batch_size: int = 8
+    learning_rate: float = 3e-3
+    warmup_steps: int = 10
+    final_fraction: float = 0.1
+    clip_norm: float = 1.0
+    losses: dict = dataclasses.field(default_factory=lambda: {"masking": 1.0})
+    mask_fraction: float = 0.2
+    mask_by: str = "points"
+    validate_every: int = 50
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be positive")
+        losses = dict(self.losses)
+        if not losses or any(w < 0 for w in losses.values()):
+            raise ValueError(f"losses must be non-negative weights, got {losses}")
+        # A tuple of pairs: the settings are a static (hashable) argument of jit.
+        object.__setattr__(self, "losses", tuple(sorted(losses.items())))
+
+    def optimizer(self) -> optax.GradientTransformation:
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0,
+            self.learning_rate,
+            max(self.warmup_steps, 1),
+            max(self.steps, self.warmup_steps + 1),
+            self.learning_rate * self.final_fraction,
+        )
+        return optax.chain(
+            optax.clip_by_global_norm(self.clip_norm), optax.adam(schedule)
+        )
+
+    def loss_options(self) -> dict:
+        return {
+            "weights": dict(self.losses),
+            "fraction": self.mask_fraction,
+            "by": self.mask_by,
+        }
+
+
+class TrainState(eqx.Module):
+    """The trainable leaves, the optimiser state and the step count."""
+
+    params: PyTree
+    opt_state: PyTree
+    step: jax.Array
+
+
+def _split(net: UnrolledVar):
+    return eqx.partition(net, net.trainable())
+
+
+def init_state(net: UnrolledVar, settings: TrainSettings) -> TrainState:
+    params, _ = _split(net)
+    opt_state = settings.optimizer().init(eqx.filter(params, eqx.is_inexact_array))
+    return TrainState(params, opt_state, jnp.asarray(0))
+
+
+def _select(batch: Batch, index) -> Batch:
+    return jax.tree.map(lambda a: a[index], batch)
+
+
+def _batch_key(settings: TrainSettings, step):
+    return jax.random.fold_in(jax.random.PRNGKey(settings.seed), step)
+
+
+@eqx.filter_jit
+def _train_step(state: TrainState, static, data: Batch, settings: TrainSettings):
+    key_batch, key_loss = jax.random.split(_batch_key(settings, state.step))
+    index = jax.random.choice(
+        key_batch,
+        data.size,
+        (settings.batch_size,),
+        replace=data.size < settings.batch_size,
+    )
+    batch = _select(data, index)
+
+    def loss(params):
+        net = eqx.combine(params, static)
+        return batch_loss(net, batch, key=key_loss, **settings.loss_options())
+
+    (value, terms), grads = eqx.filter_value_and_grad(loss, has_aux=True)(state.params)
+    updates, opt_state = settings.optimizer().update(
+        grads, state.opt_state, eqx.filter(state.params, eqx.is_inexact_array)
+    )
+    params = eqx.apply_updates(state.params, updates)
+    finite = jnp.isfinite(value) & jnp.all(
+        jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    )
+    return TrainState(params, opt_state, state.step + 1), value, terms, finite
+
+
+@eqx.filter_jit
+def _evaluate(net: UnrolledVar, data: Batch, settings: TrainSettings):
+    # A fixed key: the validation masks are the same at every evaluation.
+    value, terms = batch_loss(
+        net, data, key=jax.random.PRNGKey(settings.seed + 1), **settings.loss_options()
+    )
+    out = {"loss": value, **terms}
+    return out
+
+
+def evaluate(net: UnrolledVar, data: Batch, settings: TrainSettings) -> dict:
+    """Validation losses (the training loss terms on `data`, fixed masks)."""
+    return {k: float(v) for k, v in _evaluate(net, data, settings).items()}
+
+
+def save_checkpoint(path, state: TrainState, header: dict):
+    """Write `header` (one JSON line) and the state's leaves
+    (`eqx.tree_serialise_leaves`) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write((json.dumps(header) + "\n").encode())
+            eqx.tree_serialise_leaves(f, state)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def read_header(path) -> dict:
+    """The JSON header of a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        try:
+            return json.loads(f.readline())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not an assim checkpoint (bad header)") from e
+
+
+def load_checkpoint(path, like: TrainState) -> tuple[TrainState, dict]:
+    """Read a checkpoint into the structure of `like`."""
+    header = read_header(path)
+    with open(path, "rb") as f:
+        f.readline()
+        state = eqx.tree_deserialise_leaves(f, like)
+    return state, header
+
+
+def network(net: UnrolledVar, state: TrainState) -> UnrolledVar:
+    """The network with the state's trained leaves."""
+    return eqx.combine(state.params, _split(net)[1])
+
+
+def train(
+    net: UnrolledVar,
+    data: Batch,
+    settings: TrainSettings,
+    *,
+    validation: Batch | None = None,
+    checkpoint: str | Path | None = None,
+    header: dict | None = None,
+    resume: bool = False,
+    log: str | Path | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> tuple[UnrolledVar, list[dict]]:
+    """Train `net` on the windows of `data`.
+
+    **Arguments:**
+
+    - `net`: the untrained network (its skeleton; the trained leaves come from the
+      checkpoint when resuming).
+    - `data`, `validation`: batches of all training / validation windows; each step
+      draws `batch_size` windows from `data`.
+    - `checkpoint`: file written every `checkpoint_every` steps, at the end and on
+      a stop; `header` (JSON-able, e.g. the config that rebuilds `net`) is stored
+      in it.
+    - `resume`: continue from `checkpoint` (same draws as an uninterrupted run).
+    - `log`: JSON-lines metrics file (appended to when resuming; entries after the
+      checkpoint's step are dropped).
+    - `on_step`: called as `on_step(step, record)` after every step (progress bars).
+
+    **Returns:** `(trained network, records)`.
+
+    **Raises:** `TrainingStopped` on a non-finite loss or gradient or a failed solve,
+    after saving the last good state.
+    """
+    state = init_state(net, settings)
+    header = dict(header or {})
+    if resume:
+        if checkpoint is None or not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"resume=true but no checkpoint at {checkpoint}")
+        state, _ = load_checkpoint(checkpoint, state)
+    records = _read_log(log, int(state.step)) if resume else []
+    if log is not None:
+        _write_log(log, records)
+    _, static = _split(net)
+
+    def save(state):
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, state, {**header, "step": int(state.step)})
+
+    def write(record):
+        records.append(record)
+        if log is not None:
+            with open(log, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    while int(state.step) < settings.steps:
+        step = int(state.step)
+        try:
+            new, value, terms, finite = _train_step(state, static, data, settings)
+            finite = bool(finite)
+        except (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError) as e:
+            save(state)
+            first = error_summary(e)
+            raise TrainingStopped(
+                f"step {step + 1}: a solve failed ({first}); the last good state "
+                f"(step {step}) is in {checkpoint}"
+            ) from e
+        if not finite:
+            save(state)
+            raise TrainingStopped(
+                f"step {step + 1}: non-finite loss or gradient (loss {float(value)}); "
+                f"the last good state (step {step}) is in {checkpoint}"
+            )
+        state = new
+        record = {"step": step + 1, "loss": float(value)}
+        record.update({k: float(v) for k, v in terms.items()})
+        done = int(state.step) == settings.steps
+        every = settings.validate_every
+        if validation is not None and (done or (every and (step + 1) % every == 0)):
+            scores = evaluate(network(net, state), validation, settings)
+            record["validation"] = scores
+        write(record)
+        if on_step is not None:
+            on_step(step + 1, record)
+        every = settings.checkpoint_every
+        if done or (every and (step + 1) % every == 0):
+            save(state)
+    return network(net, state), records
+
+
+def error_summary(error: BaseException) -> str:
+    """The line of an error that says what happened (equinox runtime errors put
+    their message after the stack banners)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "EquinoxRuntimeError:" in line:
+            return line.split("EquinoxRuntimeError:", 1)[1].strip()
+    banners = ("Above is the stack", "Below is the stack", "-----")
+    lines = [line for line in lines if not line.startswith(banners)]
+    return lines[0] if lines else repr(error)
+
+
+def _read_log(log, upto: int) -> list[dict]:
+    if log is None or not Path(log).is_file():
+        return []
+    records = [json.loads(line) for line in Path(log).read_text().splitlines() if line]
+    return [r for r in records if r["step"] <= upto]
+
+
+def _write_log(log, records):
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    Path(log).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def windows_batch(windows, shape, backgrounds=None) -> Batch:
+    """Stack `ObservationSet` windows into a `Batch`; backgrounds (grid `shape`)
+    default to the constant field at each window's mean observed value (no truth
+    used)."""
+    windows = list(windows)
+    if not windows:
+        raise ValueError("no windows to stack")
+    if backgrounds is None:
+        backgrounds = [obs_mean_background(o, shape) for o in windows]
+    return Batch.stack(windows, backgrounds)
+
+
+def obs_mean_background(obs, shape):
+    """The constant field at the window's mean observed value."""
+    values, mask = np.asarray(obs.values), np.asarray(obs.mask)
+    level = values[mask].mean() if mask.any() else 0.0
+    return jnp.full(tuple(shape), level, obs.values.dtype)

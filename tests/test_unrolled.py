@@ -1,0 +1,242 @@
+"""Unrolled variational networks, their losses and their training (small Lorenz-96
+windows: 40 variables, 3 observation times 5 steps apart, 3 layers)."""
+
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tree_allclose
+
+import simulators as sim
+from assim import (
+    ObservationSet,
+    SpectralCovariance,
+    TrainingStopped,
+    TrainSettings,
+    UnrolledVar,
+    batch_loss,
+    masking_loss,
+    train,
+    windows_batch,
+)
+
+T, INTERVAL = 3, 5
+
+
+@pytest.fixture(scope="module")
+def l96_windows():
+    l96 = sim.Simulator(sim.Lorenz96(40, 8.0), sim.RK4(), 0.01)
+    rng = np.random.default_rng(0)
+    u = l96.rollout(jnp.asarray(rng.normal(size=40)), 500)[-1]
+    truth = np.asarray(l96.rollout(u, 8 * T * INTERVAL)[::INTERVAL])
+    windows = []
+    for start in range(0, 8 * T, T):
+        states = truth[start : start + T]
+        mask = rng.random(states.shape) < 0.5
+        values = np.where(mask, states + rng.normal(size=states.shape), 0.0)
+        windows.append(
+            ObservationSet(
+                jnp.asarray(values),
+                jnp.asarray(mask),
+                jnp.ones(states.shape),
+                jnp.arange(T) * 1.0,
+                jnp.asarray(states),
+            )
+        )
+    B = SpectralCovariance.from_samples(l96.model.grid, truth, 0.05)
+    return l96, B, windows
+
+
+def set_forcing(simulator, theta):
+    return eqx.tree_at(lambda s: s.model.forcing, simulator, 8.0 * jnp.exp(theta))
+
+
+def make_net(l96, B, key, **options):
+    return UnrolledVar(
+        l96,
+        B,
+        3,
+        observation_interval=INTERVAL,
+        n_times=T,
+        step=0.1,
+        scale=3.6,
+        width=4,
+        depth=2,
+        key=key,
+        **options,
+    )
+
+
+def test_plain_layers_are_preconditioned_gradient_descent(l96_windows, getkey):
+    """With no learned module, the network is K steps of
+    `x <- x - alpha (lambda (x - x_b) + B grad J_o(x))` (hand-written here)."""
+    l96, B, windows = l96_windows
+    obs, xb = windows[0], jnp.full(40, 2.0)
+    net = make_net(l96, B, getkey(), regularisation=0.5)
+
+    def jo(x):
+        states = l96.rollout(x, (T - 1) * INTERVAL)[::INTERVAL]
+        r = jnp.where(obs.mask, states - obs.values, 0.0)
+        return 0.5 * jnp.sum(r**2)
+
+    x = xb
+    for _ in range(3):
+        g = jax.grad(jo)(x)
+        x = x - 0.1 * (0.5 * (x - xb) + B.sqrt(B.sqrt_transpose(g)))
+    assert tree_allclose(net(obs, xb), x, rtol=1e-10, atol=1e-10)
+
+
+def test_checkpointed_layers_give_the_same_gradient(l96_windows, getkey):
+    """Binomial checkpointing of the layer loop changes memory, not the result."""
+    l96, B, windows = l96_windows
+    batch = windows_batch(windows[:2], (40,))
+    key = getkey()
+    options = dict(momentum=True, prior="proximal", gradient_solver=True)
+    grads = []
+    for checkpoints in (None, 1):
+        net = make_net(l96, B, key, checkpoints=checkpoints, **options)
+        params, static = eqx.partition(net, net.trainable())
+        grads.append(
+            eqx.filter_grad(
+                lambda p, static=static: batch_loss(
+                    eqx.combine(p, static),
+                    batch,
+                    key=key,
+                    weights={"supervised": 1.0},
+                )[0]
+            )(params)
+        )
+    assert tree_allclose(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
+def test_unrolled_gradient_matches_finite_differences(l96_windows, getkey):
+    """Backpropagation through the layers (and through the adjoint inside them) in
+    float64 against central differences, for the learned forcing and a step size."""
+    l96, B, windows = l96_windows
+    obs, xb = windows[1], jnp.full(40, 2.0)
+    net = make_net(
+        l96,
+        B,
+        getkey(),
+        momentum=True,
+        theta=jnp.asarray(0.0),
+        set_parameters=set_forcing,
+    )
+
+    def loss(theta, log_step):
+        n = eqx.tree_at(lambda m: (m.theta, m.log_step), net, (theta, log_step))
+        return jnp.mean((n.analysis(obs, xb) - obs.truth) ** 2)
+
+    theta, log_step = jnp.asarray(0.01), net.log_step
+    g_theta, g_step = jax.grad(loss, argnums=(0, 1))(theta, log_step)
+    eps = 1e-6
+    fd_theta = (loss(theta + eps, log_step) - loss(theta - eps, log_step)) / (2 * eps)
+    direction = jnp.asarray([1.0, -0.5, 0.25])
+    fd_step = (
+        loss(theta, log_step + eps * direction)
+        - loss(theta, log_step - eps * direction)
+    ) / (2 * eps)
+    # Central differences: O(eps^2) truncation, O(1e-16 / eps) round-off.
+    np.testing.assert_allclose(g_theta, fd_theta, rtol=1e-6)
+    np.testing.assert_allclose(jnp.dot(g_step, direction), fd_step, rtol=1e-6)
+
+
+def test_continuation_weights_do_not_increase(l96_windows, getkey):
+    l96, B, _ = l96_windows
+    net = make_net(l96, B, getkey(), continuation=True, regularisation=2.0)
+    net = eqx.tree_at(lambda m: m.regularisation, net, jnp.asarray([0.3, 4.0, -3.0]))
+    weights = np.asarray(net.regularisation_weights())
+    assert np.all(np.diff(weights) <= 0)
+    np.testing.assert_allclose(weights[0], np.exp(0.3))
+
+
+def test_curvature_matches_dense_eigenvalue(l96_windows, getkey):
+    """The power iteration's top eigenvalue of B H'^T H' against a dense one."""
+    l96, B, windows = l96_windows
+    obs, xb = windows[2], jnp.full(40, 2.0)
+    net = make_net(l96, B, getkey(), regularisation=1.0)
+
+    def residual(x):
+        return obs.innovations(net.trajectory(x, T)).ravel()
+
+    J = jax.jacfwd(residual)(xb)
+    S = jax.vmap(B.sqrt, in_axes=1, out_axes=1)(jnp.eye(40))
+    top = np.linalg.eigvalsh(np.asarray(S.T @ J.T @ J @ S))[-1]
+    estimate = float(net.curvature(obs, xb, iterations=200))
+    np.testing.assert_allclose(estimate, top + 1.0, rtol=1e-3)
+
+
+def test_masking_loss_never_reads_truth(l96_windows, getkey):
+    """Training with the masking loss on windows whose truth is NaN gives exactly the
+    parameters obtained with the real truth."""
+    l96, B, windows = l96_windows
+    poisoned = [
+        eqx.tree_at(lambda o: o.truth, w, jnp.full_like(w.truth, jnp.nan))
+        for w in windows
+    ]
+    net = make_net(l96, B, getkey(), prior="proximal")
+    settings = TrainSettings(
+        steps=2,
+        batch_size=2,
+        validate_every=0,
+        checkpoint_every=0,
+        losses={"masking": 1.0, "residual": 0.1},
+    )
+    a, _ = train(net, windows_batch(windows, (40,)), settings)
+    b, _ = train(net, windows_batch(poisoned, (40,)), settings)
+    assert tree_allclose(eqx.filter(a, eqx.is_array), eqx.filter(b, eqx.is_array))
+    loss = masking_loss(net, poisoned[0], jnp.full(40, 2.0), key=getkey())
+    assert np.isfinite(float(loss))
+
+
+def test_resume_continues_exactly(l96_windows, getkey, tmp_path):
+    """4 steps in one go == 2 steps, stop, resume to 4 (same draws, same state), and
+    the metrics log holds one record per step."""
+    l96, B, windows = l96_windows
+    data = windows_batch(windows, (40,))
+    net = make_net(l96, B, getkey(), momentum=True)
+    common = dict(
+        batch_size=2, validate_every=0, checkpoint_every=1, losses={"masking": 1.0}
+    )
+    full, _ = train(net, data, TrainSettings(steps=4, **common))
+    path, log = tmp_path / "ck.eqx", tmp_path / "log.jsonl"
+    train(net, data, TrainSettings(steps=2, **common), checkpoint=path, log=log)
+    resumed, _ = train(
+        net,
+        data,
+        TrainSettings(steps=4, **common),
+        checkpoint=path,
+        log=log,
+        resume=True,
+    )
+    assert tree_allclose(
+        eqx.filter(full, eqx.is_array), eqx.filter(resumed, eqx.is_array)
+    )
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_state(l96_windows, getkey, tmp_path):
+    """A step size that makes the rollout blow up at step 2 stops training with a
+    message; the checkpoint holds the state after step 1."""
+    l96, B, windows = l96_windows
+    data = windows_batch(windows, (40,))
+    net = make_net(l96, B, getkey())
+    settings = TrainSettings(
+        steps=5,
+        batch_size=2,
+        validate_every=0,
+        checkpoint_every=0,
+        learning_rate=1e3,
+        warmup_steps=1,
+        clip_norm=1e6,
+        losses={"supervised": 1.0},
+    )
+    path = tmp_path / "ck.eqx"
+    with pytest.raises(TrainingStopped, match="last good state"):
+        train(net, data, settings, checkpoint=path)
+    header = json.loads(path.read_bytes().split(b"\n", 1)[0])
+    assert 1 <= header["step"] < 5
