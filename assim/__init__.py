@@ -16,6 +16,7 @@ from ._covariance import SpectralCovariance as SpectralCovariance
 from ._cycle import WindowResult as WindowResult
 from ._cycle import analysis_dataset as analysis_dataset
 from ._cycle import cycle as cycle
+from ._cycle import cycle_unrolled as cycle_unrolled
 from ._io import write_json as write_json
 from ._io import write_netcdf as write_netcdf
 from ._losses import Batch as Batch

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
@@ -86,30 +87,7 @@ def cycle(
         n = obs.n_times
         background = trajectory(cost, cost.initial_control(obs), n)
         analysis = trajectory(cost, control, n)
-        diagnostics = innovation_statistics(
-            observations=obs.values,
-            forecast=obs.operator(background),
-            error_std=obs.error_std,
-            mask=obs.mask,
-        )
-        diagnostics = {f"innovation_{key}": v for key, v in diagnostics.items()}
-        if obs.truth is not None:
-            diagnostics["rmse_truth_analysis"] = rmse(
-                estimate=analysis, reference=obs.truth
-            )
-            diagnostics["rmse_truth_background"] = rmse(
-                estimate=background, reference=obs.truth
-            )
-        results.append(
-            WindowResult(
-                times=np.asarray(obs.times),
-                analysis=np.asarray(analysis),
-                background=np.asarray(background),
-                theta=jax.tree.map(np.asarray, control.theta),
-                info=info,
-                diagnostics=diagnostics,
-            )
-        )
+        results.append(_window_result(obs, background, analysis, control.theta, info))
         _, simulator = cost.analysis(control)
         next_background = advance(simulator, analysis[-1])
         cost = eqx.tree_at(lambda c: c.background, cost, next_background)
@@ -117,6 +95,68 @@ def cycle(
             cost = eqx.tree_at(lambda c: c.parameter_background, cost, control.theta)
     if not results:
         raise ValueError("cycle: no observation window to assimilate")
+    return results
+
+
+def _window_result(obs, background, analysis, theta, info) -> WindowResult:
+    diagnostics = innovation_statistics(
+        observations=obs.values,
+        forecast=obs.operator(background),
+        error_std=obs.error_std,
+        mask=obs.mask,
+    )
+    diagnostics = {f"innovation_{key}": v for key, v in diagnostics.items()}
+    if obs.truth is not None:
+        diagnostics["rmse_truth_analysis"] = rmse(
+            estimate=analysis, reference=obs.truth
+        )
+        diagnostics["rmse_truth_background"] = rmse(
+            estimate=background, reference=obs.truth
+        )
+    return WindowResult(
+        times=np.asarray(obs.times),
+        analysis=np.asarray(analysis),
+        background=np.asarray(background),
+        theta=jax.tree.map(np.asarray, theta),
+        info=info,
+        diagnostics=diagnostics,
+    )
+
+
+def cycle_unrolled(
+    net, windows: Iterable[ObservationSet], background
+) -> list[WindowResult]:
+    """Apply a trained `UnrolledVar` to consecutive windows, each background the
+    previous analysis advanced one observation interval (the first: `background`).
+    `info.cost` holds the observation term `|(H x - y) / sigma|^2 / 2` of the
+    background and of the analysis; `steps` is the number of layers."""
+    results = []
+    simulator = net.model()
+    analyse = eqx.filter_jit(lambda net, obs, xb: net(obs, xb))
+    trajectory = eqx.filter_jit(lambda net, x, n: net.trajectory(x, n))
+    advance = eqx.filter_jit(
+        lambda sim, x: sim.rollout(x, net.observation_interval)[-1]
+    )
+    for obs in windows:
+        x0 = analyse(net, obs, background)
+        n = obs.n_times
+        analysis = trajectory(net, x0, n)
+        first = trajectory(net, background, n)
+        costs = [
+            0.5 * float(jnp.sum(obs.innovations(states) ** 2))
+            for states in (first, analysis)
+        ]
+        info = SolveInfo(
+            cost=np.asarray(costs),
+            grad_norm=np.full(2, np.nan),
+            steps=net.n_layers,
+            result="unrolled",
+            converged=False,
+        )
+        results.append(_window_result(obs, first, analysis, net.theta, info))
+        background = advance(simulator, analysis[-1])
+    if not results:
+        raise ValueError("cycle_unrolled: no observation window to assimilate")
     return results
 
 

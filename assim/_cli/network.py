@@ -84,6 +84,12 @@ def training_settings(training_cfg, seed):
     return TrainSettings(**values, seed=int(seed))
 
 
+def read_header(path) -> dict:
+    from assim import read_header as read
+
+    return read(path)
+
+
 def load_network(path):
     """`(network, parameter, header)` from a checkpoint written by `assim-train`."""
     from assim import init_state, load_checkpoint, read_header

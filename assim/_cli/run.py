@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 import hydra
+import jax
 import jax.numpy as jnp
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
@@ -68,21 +69,30 @@ def _assimilate(cfg: DictConfig) -> dict:
     from assim import (
         DiffusionCovariance,
         Var4D,
-        analysis_dataset,
         cycle,
-        effective_resolution,
-        mu_score,
         open_observations,
-        rmse,
     )
-    from assim._io import write_json, write_netcdf
+    from assim._io import write_netcdf
 
     out = Path(HydraConfig.get().runtime.output_dir)
     t_start = time.perf_counter()
-    simulator, parameter = build_simulator(cfg.simulator)
+    method = cfg.method
+    net = None
+    if method.name == "unrolled":
+        from .network import load_network, read_header
+
+        if read_header(method.checkpoint).get("float64"):
+            jax.config.update("jax_enable_x64", True)
+        net, parameter, header = load_network(method.checkpoint)
+        # The network's simulator is the one it was trained with.
+        cfg = OmegaConf.create(
+            {**OmegaConf.to_container(cfg), "simulator": header["simulator"]}
+        )
+        simulator = net.simulator
+    else:
+        simulator, parameter = build_simulator(cfg.simulator)
     grid = simulator.model.grid
     dtype = jnp.zeros(()).dtype
-    method = cfg.method
     if cfg.data.kind == "twin":
         path = out / "observations.nc"
         write_netcdf(generate_twin(cfg.simulator, cfg.twin, int(cfg.seed)), path)
@@ -91,6 +101,8 @@ def _assimilate(cfg: DictConfig) -> dict:
     ds = open_observations(path, grid=grid)
     interval = observation_interval(ds, float(cfg.simulator.dt))
     length = method.window_length or ds.attrs.get("window_length", 10)
+    if net is not None:
+        length = method.window_length or header["n_times"]
     length = int(length)
 
     # Held-out sensors: a random fraction of the observed grid points, never
@@ -113,6 +125,10 @@ def _assimilate(cfg: DictConfig) -> dict:
             f"initial_background must be 'obs_mean' or 'zero', got "
             f"{method.initial_background!r}"
         )
+    context = (cfg, ds, path, out, t_start, grid, heldout)  # for _finish
+    if net is not None:
+        outcome = _unrolled_pairs(cfg, ds, net, length, heldout, dtype, level)
+        return _finish(*context, parameter, outcome)
     estimate = bool(method.estimate_parameters) and parameter is not None
     template = Var4D(
         simulator,
@@ -178,6 +194,28 @@ def _assimilate(cfg: DictConfig) -> dict:
     )
     if bar is not None:
         bar.close()
+    return _finish(*context, parameter if estimate else None, (results, pairs))
+
+
+def _unrolled_pairs(cfg, ds, net, length, heldout, dtype, level):
+    from assim import cycle_unrolled
+
+    pairs = list(
+        _windows(ds, length, jnp.asarray(heldout), cfg.data.max_windows, dtype)
+    )
+    if not pairs:
+        raise ValueError("no observation window left to assimilate")
+    background = jnp.full(net.simulator.model.grid.shape, level, dtype)
+    return cycle_unrolled(net, (p[0] for p in pairs), background), pairs
+
+
+def _finish(cfg, ds, path, out, t_start, grid, heldout, parameter, outcome):
+    from assim import analysis_dataset, effective_resolution, mu_score, rmse
+    from assim._io import write_json, write_netcdf
+
+    results, pairs = outcome
+    method = cfg.method
+    estimate = parameter is not None
     wall = time.perf_counter() - t_start
 
     # Scores.
