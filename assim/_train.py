@@ -140,8 +140,7 @@ def _evaluate(net: UnrolledVar, data: Batch, settings: TrainSettings):
     value, terms = batch_loss(
         net, data, key=jax.random.PRNGKey(settings.seed + 1), **settings.loss_options()
     )
-    out = {"loss": value, **terms}
-    return out
+    return {"loss": value, **terms}
 
 
 def evaluate(net: UnrolledVar, data: Batch, settings: TrainSettings) -> dict:

@@ -42,6 +42,21 @@ def observation_interval(ds, dt: float) -> int:
     return int(round(steps))
 
 
+def open_data(cfg, grid, out):
+    """`(dataset, path, observation interval in steps)` for the `data` config: a
+    generated twin experiment (written to `out`), a file, or the bundled dataset."""
+    from assim import open_observations
+    from assim._io import write_netcdf
+
+    if cfg.data.kind == "twin":
+        path = out / "observations.nc"
+        write_netcdf(generate_twin(cfg.simulator, cfg.twin, int(cfg.seed)), path)
+    else:
+        path = Path(cfg.data.path) if cfg.data.path else bundled_dataset()
+    ds = open_observations(path, grid=grid)
+    return ds, path, observation_interval(ds, float(cfg.simulator.dt))
+
+
 def _windows(ds, length, heldout, max_windows, dtype):
     """Observation windows with the held-out points removed from the mask."""
     from assim import ObservationSet, iter_windows
@@ -70,9 +85,7 @@ def _assimilate(cfg: DictConfig) -> dict:
         DiffusionCovariance,
         Var4D,
         cycle,
-        open_observations,
     )
-    from assim._io import write_netcdf
 
     out = Path(HydraConfig.get().runtime.output_dir)
     t_start = time.perf_counter()
@@ -93,13 +106,7 @@ def _assimilate(cfg: DictConfig) -> dict:
         simulator, parameter = build_simulator(cfg.simulator)
     grid = simulator.model.grid
     dtype = jnp.zeros(()).dtype
-    if cfg.data.kind == "twin":
-        path = out / "observations.nc"
-        write_netcdf(generate_twin(cfg.simulator, cfg.twin, int(cfg.seed)), path)
-    else:
-        path = Path(cfg.data.path) if cfg.data.path else bundled_dataset()
-    ds = open_observations(path, grid=grid)
-    interval = observation_interval(ds, float(cfg.simulator.dt))
+    ds, path, interval = open_data(cfg, grid, out)
     length = method.window_length or ds.attrs.get("window_length", 10)
     if net is not None:
         length = method.window_length or header["n_times"]

@@ -17,7 +17,7 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .common import build_simulator, generate_twin, log, run_app
+from .common import build_simulator, log, run_app
 from .network import build_network, network_header, training_settings
 
 
@@ -47,23 +47,15 @@ def split_windows(ds, length: int, dtype):
 
 
 def _train(cfg: DictConfig) -> dict:
-    from assim import open_observations, train, windows_batch
+    from assim import train, windows_batch
 
-    from .run import bundled_dataset, observation_interval
+    from .run import open_data
 
     out = Path(HydraConfig.get().runtime.output_dir)
     simulator, _ = build_simulator(cfg.simulator)
     grid = simulator.model.grid
     dtype = jnp.zeros(()).dtype
-    if cfg.data.kind == "twin":
-        from assim import write_netcdf
-
-        path = out / "observations.nc"
-        write_netcdf(generate_twin(cfg.simulator, cfg.twin, int(cfg.seed)), path)
-    else:
-        path = Path(cfg.data.path) if cfg.data.path else bundled_dataset()
-    ds = open_observations(path, grid=grid)
-    interval = observation_interval(ds, float(cfg.simulator.dt))
+    ds, _, interval = open_data(cfg, grid, out)
     length = int(cfg.network.window_length or ds.attrs.get("window_length", 10))
     groups = split_windows(ds, length, dtype)
     if not groups[0]:
