@@ -9,6 +9,7 @@ cycling, scores, twin experiments, atomic writers and the CLIs (`assim-run`,
 losses and their training (`train`, `assim-train`).
 """
 
+from ._bilevel import BilevelVar as BilevelVar
 from ._covariance import AbstractCovariance as AbstractCovariance
 from ._covariance import DiagonalCovariance as DiagonalCovariance
 from ._covariance import DiffusionCovariance as DiffusionCovariance
@@ -55,6 +56,7 @@ from ._train import read_header as read_header
 from ._train import save_checkpoint as save_checkpoint
 from ._train import train as train
 from ._train import windows_batch as windows_batch
+from ._unrolled import AbstractWindowNet as AbstractWindowNet
 from ._unrolled import UnrolledVar as UnrolledVar
 from ._var import Control as Control
 from ._var import ModelErrorForcing as ModelErrorForcing

@@ -1,6 +1,7 @@
 """Unrolled variational assimilation: K iterations of a B-preconditioned gradient
 method on the window's 4D-Var cost, turned into K trainable layers."""
 
+import abc
 from collections.abc import Callable
 
 import equinox as eqx
@@ -27,7 +28,61 @@ def _logit(p):
     return float(np.log(p / (1 - p)))
 
 
-class UnrolledVar(eqx.Module):
+class AbstractWindowNet(eqx.Module):
+    """A trainable map from a window's observations and background to its analysed
+    initial state, through a simulator whose physical parameters (`theta`, placed by
+    `set_parameters`) and model-error correction may be learned. The training losses
+    and `train` work with any subclass."""
+
+    simulator: eqx.AbstractVar[Simulator]
+    background_covariance: eqx.AbstractVar[AbstractCovariance]
+    theta: eqx.AbstractVar[PyTree[Array] | None]
+    set_parameters: eqx.AbstractVar[Callable | None]
+    observation_interval: eqx.AbstractVar[int]
+    scale: eqx.AbstractVar[float]
+
+    @abc.abstractmethod
+    def __call__(self, obs: ObservationSet, background: Array) -> Array:
+        """The analysed initial state of the window (`background`'s shape)."""
+
+    @abc.abstractmethod
+    def trainable(self) -> PyTree[bool]:
+        """A filter spec of the learned leaves."""
+
+    def model(self) -> Simulator:
+        """The simulator with the learned parameters in place."""
+        if self.set_parameters is None:
+            return self.simulator
+        return self.set_parameters(self.simulator, self.theta)
+
+    def trajectory(self, x0: Array, n_times: int, simulator=None) -> Array:
+        """The model states at the `n_times` observation times from `x0`."""
+        simulator = self.model() if simulator is None else simulator
+        k = self.observation_interval
+        return simulator.rollout(x0, (n_times - 1) * k)[::k]
+
+    def observation_cost(self, x0, obs: ObservationSet, simulator=None):
+        """`J_o(x0) = |(H M(x0) - y) / sigma|^2 / 2` over the reporting sensors."""
+        r = obs.innovations(self.trajectory(x0, obs.n_times, simulator))
+        return 0.5 * jnp.sum(r**2)
+
+    def observation_gradient(self, x0, obs: ObservationSet, simulator=None):
+        """`B grad J_o(x0)`: the B-preconditioned gradient of the observation term."""
+        g = jax.grad(self.observation_cost)(x0, obs, simulator)
+        B = self.background_covariance
+        return B.sqrt(B.sqrt_transpose(g))
+
+    def analysis(self, obs: ObservationSet, background: Array) -> Array:
+        """The analysed trajectory at the window's observation times."""
+        return self.trajectory(self(obs, background), obs.n_times)
+
+    def _learned_spec(self, learned: Callable) -> PyTree[bool]:
+        spec = jax.tree.map(lambda _: False, self)
+        values = jax.tree.map(eqx.is_inexact_array, learned(self))
+        return eqx.tree_at(learned, spec, values, is_leaf=lambda x: x is None)
+
+
+class UnrolledVar(AbstractWindowNet):
     """An unrolled variational assimilation network.
 
     Each of the `K` layers is one iteration on the window cost
@@ -178,12 +233,6 @@ class UnrolledVar(eqx.Module):
     def n_layers(self) -> int:
         return self.log_step.shape[0]
 
-    def model(self) -> Simulator:
-        """The simulator with the learned parameters in place."""
-        if self.set_parameters is None:
-            return self.simulator
-        return self.set_parameters(self.simulator, self.theta)
-
     def regularisation_weights(self) -> Float[Array, " K"]:
         """`lambda_1, ..., lambda_K` (non-increasing under `continuation`)."""
         if self.continuation:
@@ -197,7 +246,6 @@ class UnrolledVar(eqx.Module):
         """A filter spec: the learned leaves (steps, weights, networks, parameters,
         the model-error correction); the simulator's other fields and `B` stay
         fixed."""
-        spec = jax.tree.map(lambda _: False, self)
         learned = lambda m: (  # noqa: E731
             m.log_step,
             m.regularisation,
@@ -209,26 +257,7 @@ class UnrolledVar(eqx.Module):
             m.theta,
             m.simulator.correction,
         )
-        values = jax.tree.map(eqx.is_inexact_array, learned(self))
-        return eqx.tree_at(learned, spec, values, is_leaf=lambda x: x is None)
-
-    def trajectory(self, x0: Array, n_times: int, simulator=None) -> Array:
-        """The model states at the `n_times` observation times from `x0`."""
-        simulator = self.model() if simulator is None else simulator
-        k = self.observation_interval
-        return simulator.rollout(x0, (n_times - 1) * k)[::k]
-
-    def observation_gradient(self, x0, obs: ObservationSet, simulator=None):
-        """`B grad J_o(x0)`: the B-preconditioned gradient of the observation term."""
-        simulator = self.model() if simulator is None else simulator
-
-        def jo(x):
-            r = obs.innovations(self.trajectory(x, obs.n_times, simulator))
-            return 0.5 * jnp.sum(r**2)
-
-        g = jax.grad(jo)(x0)
-        B = self.background_covariance
-        return B.sqrt(B.sqrt_transpose(g))
+        return self._learned_spec(learned)
 
     def curvature(self, obs: ObservationSet, background: Array, iterations: int = 20):
         """The largest eigenvalue of the B-preconditioned Gauss-Newton Hessian of the
@@ -320,7 +349,3 @@ class UnrolledVar(eqx.Module):
                 checkpoints=self.checkpoints,
             )
         return carry[0]
-
-    def analysis(self, obs: ObservationSet, background: Array) -> Array:
-        """The analysed trajectory at the window's observation times."""
-        return self.trajectory(self(obs, background), obs.n_times)
