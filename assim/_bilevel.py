@@ -2,6 +2,7 @@
 hyperparameters (background-error scale, physical coefficients, a model-error
 correction) learned through the implicit function theorem at the inner solution."""
 
+import dataclasses
 from collections.abc import Callable
 from typing import Literal
 
@@ -64,6 +65,9 @@ class BilevelVar(AbstractWindowNet):
       through the inner solver's iterations (optimistix's recursively checkpointed
       adjoint), for comparison; it needs the same converged solve and stores
       iterates.
+    - `throw`: `False` returns the iterate reached at `max_steps` instead of raising
+      (4D-Var truncated after `max_steps` iterations; its hypergradient is then
+      not the exact one).
     """
 
     simulator: Simulator
@@ -77,6 +81,7 @@ class BilevelVar(AbstractWindowNet):
     scale: float = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
     hypergradient: str = eqx.field(static=True)
+    throw: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -94,6 +99,7 @@ class BilevelVar(AbstractWindowNet):
         cg_rtol: float = 1e-6,
         cg_max_steps: int = 200,
         hypergradient: Literal["implicit", "unrolled"] = "implicit",
+        throw: bool = True,
     ):
         if background_scale <= 0:
             raise ValueError(
@@ -125,6 +131,7 @@ class BilevelVar(AbstractWindowNet):
         self.scale = float(scale)
         self.max_steps = int(max_steps)
         self.hypergradient = hypergradient
+        self.throw = bool(throw)
 
     def trainable(self) -> PyTree[bool]:
         """The learned leaves: `log s`, `theta` and the simulator's correction."""
@@ -137,9 +144,13 @@ class BilevelVar(AbstractWindowNet):
         return background + jnp.exp(self.log_scale) * self.background_covariance.sqrt(v)
 
     def cost(self, v, obs: ObservationSet, background) -> Float[Array, ""]:
-        """The inner cost `|v|^2 / 2 + J_o(x_b + s B^{1/2} v)`."""
+        """The inner cost `|v|^2 / 2 + J_o(x_b + s B^{1/2} v)`; `inf` where the
+        rollout blows up, so that the line search backs off from a trial step the
+        model cannot integrate instead of stopping the run."""
         x0 = self.initial_state(v, background)
-        return 0.5 * jnp.sum(v**2) + self.observation_cost(x0, obs)
+        simulator = dataclasses.replace(self.model(), check_finite=False)
+        value = 0.5 * jnp.sum(v**2) + self.observation_cost(x0, obs, simulator)
+        return jnp.where(jnp.isfinite(value), value, jnp.inf)
 
     def solve(self, obs: ObservationSet, background) -> optx.Solution:
         """The inner minimisation from `v = 0`, with the implicit adjoint (or the
@@ -155,6 +166,7 @@ class BilevelVar(AbstractWindowNet):
             (self, obs, background),
             max_steps=self.max_steps,
             adjoint=adjoint,
+            throw=self.throw,
             tags=_HESSIAN_TAGS,
         )
 

@@ -8,10 +8,11 @@ from typing import Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._observations import ObservationSet
-from ._unrolled import UnrolledVar
+from ._unrolled import AbstractWindowNet
 
 Hide = Literal["points", "sensors"]
 
@@ -31,6 +32,11 @@ class Batch(eqx.Module):
     @property
     def size(self) -> int:
         return self.background.shape[0]
+
+    def observed_std(self) -> float:
+        """The spread of the observed values (no truth): the networks' input scale."""
+        values = np.asarray(self.obs.values)[np.asarray(self.obs.mask)]
+        return float(values.std()) or 1.0
 
 
 def hide(obs: ObservationSet, fraction: float, by: Hide, *, key: PRNGKeyArray):
@@ -60,7 +66,7 @@ def _mean_square(r, weight):
     return jnp.sum(weight * r**2) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
-def supervised_loss(net: UnrolledVar, obs: ObservationSet, background) -> Array:
+def supervised_loss(net: AbstractWindowNet, obs: ObservationSet, background) -> Array:
     """Mean squared error of the analysed trajectory against `obs.truth`, divided by
     `net.scale ** 2` (twin experiments only)."""
     if obs.truth is None:
@@ -70,7 +76,7 @@ def supervised_loss(net: UnrolledVar, obs: ObservationSet, background) -> Array:
 
 
 def masking_loss(
-    net: UnrolledVar,
+    net: AbstractWindowNet,
     obs: ObservationSet,
     background,
     *,
@@ -87,7 +93,7 @@ def masking_loss(
     return _mean_square(hidden.innovations(trajectory), weight)
 
 
-def residual_loss(net: UnrolledVar, obs: ObservationSet, background) -> Array:
+def residual_loss(net: AbstractWindowNet, obs: ObservationSet, background) -> Array:
     """The optimality residual at the network's output: the mean square of the
     B-preconditioned gradient of the window cost (`lambda = 1`),
     `(x - x_b) + B grad J_o(x)`, divided by `net.scale ** 2`. Zero at a stationary
@@ -98,7 +104,7 @@ def residual_loss(net: UnrolledVar, obs: ObservationSet, background) -> Array:
 
 
 def denoising_loss(
-    net: UnrolledVar, fields: Array, noise_std: float, *, key: PRNGKeyArray
+    net: AbstractWindowNet, fields: Array, noise_std: float, *, key: PRNGKeyArray
 ) -> Array:
     """Train a plug-and-play prior's denoiser on clean fields `(batch, *grid)`:
     mean squared error of `D(x + noise)` against `x`, divided by `net.scale ** 2`."""
@@ -113,7 +119,7 @@ Loss = Literal["supervised", "masking", "residual"]
 
 
 def window_loss(
-    net: UnrolledVar,
+    net: AbstractWindowNet,
     obs: ObservationSet,
     background,
     *,
@@ -142,7 +148,7 @@ def window_loss(
     return total, terms
 
 
-def batch_loss(net: UnrolledVar, batch: Batch, *, key: PRNGKeyArray, **options):
+def batch_loss(net: AbstractWindowNet, batch: Batch, *, key: PRNGKeyArray, **options):
     """`window_loss` averaged over a batch (vmapped; one key per window)."""
     keys = jax.random.split(key, batch.size)
     total, terms = jax.vmap(lambda o, b, k: window_loss(net, o, b, key=k, **options))(

@@ -17,7 +17,7 @@ import optax
 from jaxtyping import PyTree
 
 from ._losses import Batch, batch_loss
-from ._unrolled import UnrolledVar
+from ._unrolled import AbstractWindowNet
 
 
 class TrainingStopped(RuntimeError):
@@ -90,11 +90,11 @@ class TrainState(eqx.Module):
     step: jax.Array
 
 
-def _split(net: UnrolledVar):
+def _split(net: AbstractWindowNet):
     return eqx.partition(net, net.trainable())
 
 
-def init_state(net: UnrolledVar, settings: TrainSettings) -> TrainState:
+def init_state(net: AbstractWindowNet, settings: TrainSettings) -> TrainState:
     params, _ = _split(net)
     opt_state = settings.optimizer().init(eqx.filter(params, eqx.is_inexact_array))
     return TrainState(params, opt_state, jnp.asarray(0))
@@ -135,7 +135,7 @@ def _train_step(state: TrainState, static, data: Batch, settings: TrainSettings)
 
 
 @eqx.filter_jit
-def _evaluate(net: UnrolledVar, data: Batch, settings: TrainSettings):
+def _evaluate(net: AbstractWindowNet, data: Batch, settings: TrainSettings):
     # A fixed key: the validation masks are the same at every evaluation.
     value, terms = batch_loss(
         net, data, key=jax.random.PRNGKey(settings.seed + 1), **settings.loss_options()
@@ -143,7 +143,7 @@ def _evaluate(net: UnrolledVar, data: Batch, settings: TrainSettings):
     return {"loss": value, **terms}
 
 
-def evaluate(net: UnrolledVar, data: Batch, settings: TrainSettings) -> dict:
+def evaluate(net: AbstractWindowNet, data: Batch, settings: TrainSettings) -> dict:
     """Validation losses (the training loss terms on `data`, fixed masks)."""
     return {k: float(v) for k, v in _evaluate(net, data, settings).items()}
 
@@ -192,13 +192,13 @@ def load_checkpoint(path, like: TrainState) -> tuple[TrainState, dict]:
     return state, header
 
 
-def network(net: UnrolledVar, state: TrainState) -> UnrolledVar:
+def network(net: AbstractWindowNet, state: TrainState) -> AbstractWindowNet:
     """The network with the state's trained leaves."""
     return eqx.combine(state.params, _split(net)[1])
 
 
 def train(
-    net: UnrolledVar,
+    net: AbstractWindowNet,
     data: Batch,
     settings: TrainSettings,
     *,
@@ -208,7 +208,7 @@ def train(
     resume: bool = False,
     log: str | Path | None = None,
     on_step: Callable[[int, dict], None] | None = None,
-) -> tuple[UnrolledVar, list[dict]]:
+) -> tuple[AbstractWindowNet, list[dict]]:
     """Train `net` on the windows of `data`.
 
     **Arguments:**

@@ -30,6 +30,9 @@ class Simulator(eqx.Module):
       iterations (implicit adjoint), and recomputing a Newton solve in the backward
       pass costs a second forward. Turn it on for long rollouts of many-stage
       schemes where the stage values would not fit in memory.
+    - `check_finite`: `rollout` raises on a non-finite trajectory (the default).
+      `False` returns it as is, for optimisers whose line search backs off from an
+      infinite cost (e.g. the inner 4D-Var of `assim.BilevelVar`).
     """
 
     model: AbstractModel
@@ -37,6 +40,7 @@ class Simulator(eqx.Module):
     dt: Float[Array, ""] = eqx.field(converter=jnp.asarray)
     correction: Callable | None = None
     checkpoint: bool = eqx.field(static=True, default=False)
+    check_finite: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
         if self.dt.ndim:
@@ -73,10 +77,11 @@ class Simulator(eqx.Module):
         if self.checkpoint:
             body = jax.checkpoint(body)
         final, (states, info) = jax.lax.scan(body, u0, None, length=int(n_steps))
-        states = eqx.error_if(
-            states,
-            ~jnp.all(jnp.isfinite(final)),
-            "rollout became non-finite (unstable time step or scheme?)",
-        )
+        if self.check_finite:
+            states = eqx.error_if(
+                states,
+                ~jnp.all(jnp.isfinite(final)),
+                "rollout became non-finite (unstable time step or scheme?)",
+            )
         trajectory = jnp.concatenate([u0[None], states])
         return (trajectory, info) if with_info else trajectory

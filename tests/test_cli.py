@@ -196,3 +196,50 @@ def test_run_bad_input_fails_cleanly(tmp_path):
     bad = _app("data", tmp_path, "twin.noise_std=-1", "output=x.nc")
     assert bad.returncode == 2 and "noise_std must be positive" in bad.stderr
     assert not (tmp_path / "x.nc").exists()
+
+
+def test_train_resume_then_run_unrolled(tmp_path):
+    """`assim-train` on a tiny Lorenz-96 twin, resumed to one more step, then the
+    checkpoint used by `assim-run method=unrolled`."""
+    small = [
+        "simulator=lorenz96",
+        "data=twin",
+        "twin.n_times=8",
+        "twin.window_length=4",
+        "twin.spinup_steps=100",
+        "twin.sensors.pattern=stations",
+        "twin.sensors.density=0.5",
+        "twin.sensors.dropout=0.0",
+        "twin.truth.missing_term.kind=none",
+        "network.n_layers=2",
+        "network.width=4",
+        "network.depth=2",
+        "training.batch_size=1",
+        "training.checkpoint_every=1",
+        "progress=false",
+    ]
+    first = _app("train", tmp_path, *small, "training.steps=2")
+    assert first.returncode == 0, first.stderr
+    resumed = _app("train", tmp_path, *small, "training.steps=3", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    run = _app(
+        "run",
+        tmp_path,
+        "method=unrolled",
+        f"method.checkpoint={tmp_path / 'checkpoint.eqx'}",
+        f"data.path={tmp_path / 'observations.nc'}",
+        "plot=false",
+        "progress=false",
+        run_dir=tmp_path / "run",
+    )
+    assert run.returncode == 0, run.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["rmse_truth"] < metrics["rmse_background"], metrics
+    missing = _app("run", tmp_path, "method=unrolled", "method.checkpoint=nope.eqx")
+    assert missing.returncode != 0 and "nope.eqx" in missing.stderr

@@ -65,8 +65,7 @@ def _train(cfg: DictConfig) -> dict:
     data = windows_batch(groups[0], grid.shape)
     validation = windows_batch(groups[1], grid.shape) if groups[1] else None
     # The networks' input scale: the spread of the training observations (no truth).
-    observed = np.asarray(data.obs.values)[np.asarray(data.obs.mask)]
-    scale = float(observed.std()) or 1.0
+    scale = data.observed_std()
     net, parameter = build_network(
         cfg.simulator,
         cfg.network,
