@@ -5,7 +5,8 @@ Observation files (open lazily, validate, read window by window) and operators
 roots (diagonal, diffusion-correlated, spectral), 3D-Var and strong- / weak-constraint
 4D-Var with joint parameter estimation, L-BFGS and incremental Gauss-Newton solvers,
 cycling, scores, twin experiments, atomic writers and the CLIs (`assim-run`,
-`assim-data`, `assim-simulate`). Unrolled variational networks (`UnrolledVar`), their
+`assim-data`, `assim-simulate`). Unrolled variational networks (`UnrolledVar`), bilevel
+4D-Var with implicit hypergradients (`BilevelVar`), their
 losses and their training (`train`, `assim-train`).
 """
 
