@@ -12,11 +12,11 @@ import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, Float, PyTree
 
-from simulators import NewtonKrylov, Simulator
+from simulators import Simulator
 
 from ._covariance import AbstractCovariance
 from ._observations import ObservationSet
-from ._unrolled import AbstractWindowNet
+from ._unrolled import AbstractWindowNet, _check_learnable
 
 _HESSIAN_TAGS = frozenset({lx.symmetric_tag, lx.positive_semidefinite_tag})
 
@@ -105,18 +105,17 @@ class BilevelVar(AbstractWindowNet):
             raise ValueError(
                 f"background_scale must be positive, got {background_scale}"
             )
-        if (theta is None) != (set_parameters is None):
-            raise ValueError("theta and set_parameters go together")
         if hypergradient not in ("implicit", "unrolled"):
             raise ValueError(
                 f"hypergradient must be 'implicit' or 'unrolled', got {hypergradient!r}"
             )
-        if isinstance(getattr(simulator.scheme, "solver", None), NewtonKrylov):
-            raise ValueError(
-                "bilevel hypergradients need Hessian-vector products (forward over "
-                "reverse through the adjoint), which the Newton-Krylov implicit "
-                "adjoint does not support: use an IMEX or explicit scheme"
-            )
+        _check_learnable(
+            simulator,
+            theta,
+            set_parameters,
+            "bilevel hypergradients need Hessian-vector products (forward over "
+            "reverse through the adjoint)",
+        )
         dtype = jnp.zeros(()).dtype
         self.simulator = simulator
         self.background_covariance = background_covariance

@@ -28,6 +28,19 @@ def _logit(p):
     return float(np.log(p / (1 - p)))
 
 
+def _check_learnable(simulator, theta, set_parameters, derivative: str):
+    """The checks every window network makes: learned parameters come with the map
+    that places them, and the simulator supports the second-order derivative
+    (`derivative` says which) that training needs."""
+    if (theta is None) != (set_parameters is None):
+        raise ValueError("theta and set_parameters go together")
+    if isinstance(getattr(simulator.scheme, "solver", None), NewtonKrylov):
+        raise ValueError(
+            f"{derivative}, which the Newton-Krylov implicit adjoint does not "
+            "support: use an IMEX or explicit scheme (e.g. simulators.IMEXRungeKutta)"
+        )
+
+
 class AbstractWindowNet(eqx.Module):
     """A trainable map from a window's observations and background to its analysed
     initial state, through a simulator whose physical parameters (`theta`, placed by
@@ -170,18 +183,16 @@ class UnrolledVar(AbstractWindowNet):
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
         if step <= 0 or regularisation <= 0:
             raise ValueError("step and regularisation must be positive")
-        if (theta is None) != (set_parameters is None):
-            raise ValueError("theta and set_parameters go together")
         if prior not in (None, "proximal", "pnp"):
             raise ValueError(f"prior must be None, 'proximal' or 'pnp', got {prior!r}")
         if checkpoints is not None and checkpoints < 1:
             raise ValueError(f"checkpoints must be None or >= 1, got {checkpoints}")
-        if isinstance(getattr(simulator.scheme, "solver", None), NewtonKrylov):
-            raise ValueError(
-                "unrolled networks differentiate the adjoint (reverse over reverse), "
-                "which the Newton-Krylov implicit adjoint does not support: use an "
-                "IMEX or explicit scheme (e.g. simulators.IMEXRungeKutta)"
-            )
+        _check_learnable(
+            simulator,
+            theta,
+            set_parameters,
+            "unrolled networks differentiate the adjoint (reverse over reverse)",
+        )
         grid = simulator.model.grid
         dtype = jnp.zeros(()).dtype
         k_prior, k_solver, k_warm = jax.random.split(key, 3)

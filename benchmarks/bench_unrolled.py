@@ -525,7 +525,7 @@ def section_model_error(args):
             losses={"masking": 1.0},
         )
     truth = np.asarray(test.obs.truth)
-    rows = []
+    rows, errors = [], []
     for name, net in nets.items():
 
         def forecast(obs, background, net=net):
@@ -535,21 +535,15 @@ def section_model_error(args):
         *_, trajectories = evaluate(forecast, test)
         end = np.sqrt(np.mean((trajectories[:, T - 1] - truth[:, T - 1]) ** 2))
         beyond = np.sqrt(np.mean((trajectories[:, -1] - truth[:, -1]) ** 2))
+        errors.append(np.asarray([end, beyond]))
         rows.append((name, f"{end:.3f}", f"{beyond:.3f}"))
         print(
             f"  {name}: end of window {end:.3f}, "
             f"{n_forecast} intervals beyond {beyond:.3f}"
         )
-    for column in (1, 2):
-        reduction = 1 - float(rows[1][column]) / float(rows[0][column])
-        print(f"  reduction (column {column}): {100 * reduction:.0f}%")
-    rows.append(
-        (
-            "reduction",
-            f"{100 * (1 - float(rows[1][1]) / float(rows[0][1])):.0f}%",
-            f"{100 * (1 - float(rows[1][2]) / float(rows[0][2])):.0f}%",
-        )
-    )
+    reduction = 100 * (1 - errors[1] / errors[0])
+    print(f"  reduction: {reduction[0]:.0f}% at the end, {reduction[1]:.0f}% beyond")
+    rows.append(("reduction", f"{reduction[0]:.0f}%", f"{reduction[1]:.0f}%"))
     print_table(
         f"Model error: truth = Lorenz-96 - {rate} u^3, model = Lorenz-96; unrolled "
         f"networks ({K} layers) trained with the masking loss",

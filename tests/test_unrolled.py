@@ -304,3 +304,17 @@ def test_non_finite_loss_stops_and_keeps_last_good_state(l96_windows, getkey, tm
         train(net, data, settings, checkpoint=path)
     header = json.loads(path.read_bytes().split(b"\n", 1)[0])
     assert 1 <= header["step"] < 5
+
+
+def test_window_nets_refuse_newton_krylov_schemes(l96_windows, getkey):
+    """Training needs second derivatives through the adjoint, which the fully
+    implicit schemes' Newton-Krylov adjoint lacks: a one-line error, not a crash
+    inside jit."""
+    l96, B, _ = l96_windows
+    implicit = sim.Simulator(l96.model, sim.backward_euler(), 0.01)
+    with pytest.raises(ValueError, match="Newton-Krylov"):
+        make_net(implicit, B, getkey())
+    with pytest.raises(ValueError, match="Newton-Krylov"):
+        BilevelVar(implicit, B, observation_interval=INTERVAL)
+    with pytest.raises(ValueError, match="go together"):
+        BilevelVar(l96, B, theta=jnp.asarray(0.0))
