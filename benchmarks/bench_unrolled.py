@@ -635,7 +635,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(SECTIONS), action="append")
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--train-windows", type=int, default=256)
     parser.add_argument("--test-windows", type=int, default=64)
     parser.add_argument("--bundled-layers", type=int, default=5)
