@@ -24,6 +24,7 @@ from ._io import write_netcdf as write_netcdf
 from ._losses import Batch as Batch
 from ._losses import batch_loss as batch_loss
 from ._losses import denoising_loss as denoising_loss
+from ._losses import evidence_loss as evidence_loss
 from ._losses import hide as hide
 from ._losses import masking_loss as masking_loss
 from ._losses import residual_loss as residual_loss

@@ -8,6 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optimistix as optx
 import xarray as xr
 
 from ._io import cf_coords
@@ -126,19 +127,32 @@ def _window_result(obs, background, analysis, theta, info) -> WindowResult:
 def cycle_unrolled(
     net, windows: Iterable[ObservationSet], background
 ) -> list[WindowResult]:
-    """Apply a trained `UnrolledVar` to consecutive windows, each background the
-    previous analysis advanced one observation interval (the first: `background`).
-    `info.cost` holds the observation term `|(H x - y) / sigma|^2 / 2` of the
-    background and of the analysis; `steps` is the number of layers."""
+    """Apply a trained window network (`UnrolledVar` or `BilevelVar`) to consecutive
+    windows, each background the previous analysis advanced one observation interval
+    (the first: `background`). `info.cost` holds the observation term
+    `|(H x - y) / sigma|^2 / 2` of the background and of the analysis; `steps` is
+    the number of layers, or the bilevel network's inner iterations (`converged`
+    then says whether its 4D-Var converged)."""
+    from ._bilevel import BilevelVar
+
     results = []
     simulator = net.model()
-    analyse = eqx.filter_jit(lambda net, obs, xb: net(obs, xb))
+    bilevel = isinstance(net, BilevelVar)
+
+    def analyse_with_steps(net, obs, xb):
+        if not bilevel:
+            return net(obs, xb), net.n_layers, False
+        sol = net.solve(obs, xb, throw=False)
+        converged = sol.result == optx.RESULTS.successful
+        return net.initial_state(sol.value, xb), sol.stats["num_steps"], converged
+
+    analyse = eqx.filter_jit(analyse_with_steps)
     trajectory = eqx.filter_jit(lambda net, x, n: net.trajectory(x, n))
     advance = eqx.filter_jit(
         lambda sim, x: sim.rollout(x, net.observation_interval)[-1]
     )
     for obs in windows:
-        x0 = analyse(net, obs, background)
+        x0, steps, converged = analyse(net, obs, background)
         n = obs.n_times
         analysis = trajectory(net, x0, n)
         first = trajectory(net, background, n)
@@ -149,9 +163,11 @@ def cycle_unrolled(
         info = SolveInfo(
             cost=np.asarray(costs),
             grad_norm=np.full(2, np.nan),
-            steps=net.n_layers,
-            result="unrolled",
-            converged=False,
+            steps=int(steps),
+            result=("converged" if converged else "max_steps")
+            if bilevel
+            else "unrolled",
+            converged=bool(converged),
         )
         results.append(_window_result(obs, first, analysis, net.theta, info))
         background = advance(simulator, analysis[-1])

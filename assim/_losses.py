@@ -1,5 +1,6 @@
-"""Training losses for unrolled networks: supervised (against `truth`), observation
-masking (no ground truth), optimality residual (physics), and denoising (for a
+"""Training losses for window networks: supervised (against `truth`), observation
+masking (no ground truth), optimality residual (physics), the marginal likelihood
+of the observations (bilevel networks; no ground truth), and denoising (for a
 plug-and-play prior). All take one window; `batch_loss` vmaps them over a batch."""
 
 import dataclasses
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._bilevel import BilevelVar
 from ._observations import ObservationSet
 from ._unrolled import AbstractWindowNet
 
@@ -103,6 +105,29 @@ def residual_loss(net: AbstractWindowNet, obs: ObservationSet, background) -> Ar
     return jnp.mean(d**2) / net.scale**2
 
 
+def evidence_loss(
+    net: AbstractWindowNet,
+    obs: ObservationSet,
+    background,
+    *,
+    probes: int = 0,
+    key: PRNGKeyArray | None = None,
+) -> Array:
+    """The negative log marginal likelihood of the window's observations (Laplace
+    approximation at the converged 4D-Var solution, `BilevelVar.negative_log_evidence`)
+    per observation: type-II maximum likelihood of the B scale, the physical
+    parameters and a model-error correction. No truth needed; the bilevel network's
+    inner 4D-Var must be solved to convergence."""
+    if not isinstance(net, BilevelVar):
+        raise ValueError(
+            "the evidence loss needs a bilevel network (assim.BilevelVar): it is the "
+            "marginal likelihood at a converged 4D-Var solution, got "
+            f"{type(net).__name__}"
+        )
+    value = net.negative_log_evidence(obs, background, probes=probes, key=key)
+    return value / jnp.maximum(jnp.sum(obs.mask), 1)
+
+
 def denoising_loss(
     net: AbstractWindowNet, fields: Array, noise_std: float, *, key: PRNGKeyArray
 ) -> Array:
@@ -115,7 +140,7 @@ def denoising_loss(
     return jnp.mean((clean - fields) ** 2) / net.scale**2
 
 
-Loss = Literal["supervised", "masking", "residual"]
+Loss = Literal["supervised", "masking", "residual", "evidence"]
 
 
 def window_loss(
@@ -127,9 +152,11 @@ def window_loss(
     weights: dict[str, float],
     fraction: float = 0.2,
     by: Hide = "points",
+    probes: int = 0,
 ) -> tuple[Array, dict[str, Array]]:
     """A weighted sum of the named losses (`weights`, e.g. `{"masking": 1.0,
-    "residual": 0.1}`) on one window, and each term."""
+    "residual": 0.1}`) on one window, and each term. `fraction`, `by`: the masking
+    loss's; `probes`: the evidence loss's log-determinant (0: exact)."""
     terms = {}
     for name in weights:
         if name == "supervised":
@@ -140,9 +167,14 @@ def window_loss(
             )
         elif name == "residual":
             terms[name] = residual_loss(net, obs, background)
+        elif name == "evidence":
+            terms[name] = evidence_loss(
+                net, obs, background, probes=probes, key=jax.random.fold_in(key, 1)
+            )
         else:
             raise ValueError(
-                f"unknown loss {name!r}: expected supervised, masking or residual"
+                f"unknown loss {name!r}: expected supervised, masking, residual or "
+                "evidence"
             )
     total = sum(weights[name] * terms[name] for name in terms)
     return total, terms

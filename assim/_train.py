@@ -33,8 +33,11 @@ class TrainSettings:
     - `learning_rate`, `warmup_steps`, `clip_norm`: Adam with linear warm-up and
       cosine decay to `learning_rate * final_fraction`, gradients clipped by global
       norm.
-    - `losses`: weights of the loss terms, e.g. `{"masking": 1.0}`.
+    - `losses`: weights of the loss terms, e.g. `{"masking": 1.0}` (terms weighted
+      0 are not computed).
     - `mask_fraction`, `mask_by`: the masking loss's hidden share and unit.
+    - `evidence_probes`: the evidence loss's log-determinant (0: exact; `n > 0`:
+      a stochastic gradient with `n` probe vectors, for large grids).
     - `validate_every`, `checkpoint_every`: in steps (0: only at the end).
     - `seed`: batches and masks are drawn from `fold_in(seed, step)`, so that a
       resumed run draws what the uninterrupted run would have.
@@ -49,6 +52,7 @@ class TrainSettings:
     losses: dict = dataclasses.field(default_factory=lambda: {"masking": 1.0})
     mask_fraction: float = 0.2
     mask_by: str = "points"
+    evidence_probes: int = 0
     validate_every: int = 50
     checkpoint_every: int = 50
     seed: int = 0
@@ -56,9 +60,16 @@ class TrainSettings:
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be positive")
+        if self.evidence_probes < 0:
+            raise ValueError(
+                f"evidence_probes must be >= 0, got {self.evidence_probes}"
+            )
         losses = dict(self.losses)
-        if not losses or any(w < 0 for w in losses.values()):
+        if any(w < 0 for w in losses.values()):
             raise ValueError(f"losses must be non-negative weights, got {losses}")
+        losses = {name: w for name, w in losses.items() if w > 0}  # 0: not computed
+        if not losses:
+            raise ValueError(f"losses: no positive weight, got {dict(self.losses)}")
         # A tuple of pairs: the settings are a static (hashable) argument of jit.
         object.__setattr__(self, "losses", tuple(sorted(losses.items())))
 
@@ -79,6 +90,7 @@ class TrainSettings:
             "weights": dict(self.losses),
             "fraction": self.mask_fraction,
             "by": self.mask_by,
+            "probes": self.evidence_probes,
         }
 
 

@@ -243,3 +243,49 @@ def test_train_resume_then_run_unrolled(tmp_path):
     assert metrics["rmse_truth"] < metrics["rmse_background"], metrics
     missing = _app("run", tmp_path, "method=unrolled", "method.checkpoint=nope.eqx")
     assert missing.returncode != 0 and "nope.eqx" in missing.stderr
+
+
+def test_train_bilevel_with_evidence_then_run(tmp_path):
+    """`assim-train network=bilevel` with the evidence loss (zero weights switch the
+    default masking loss off), then its checkpoint in `assim-run`: converged 4D-Var
+    in every window."""
+    train = _app(
+        "train",
+        tmp_path,
+        "simulator=lorenz96",
+        "data=twin",
+        "twin.n_times=8",
+        "twin.window_length=4",
+        "twin.spinup_steps=100",
+        "twin.sensors.pattern=stations",
+        "twin.sensors.density=0.5",
+        "twin.sensors.dropout=0.0",
+        "twin.truth.missing_term.kind=none",
+        "network=bilevel",
+        "training.batch_size=1",
+        "training.steps=2",
+        "training.losses.masking=0",
+        "training.losses.evidence=1",
+        "progress=false",
+    )
+    assert train.returncode == 0, train.stderr
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert all(set(r) >= {"evidence", "loss"} for r in records)
+    assert all("masking" not in r for r in records)
+    run = _app(
+        "run",
+        tmp_path,
+        "method=unrolled",
+        f"method.checkpoint={tmp_path / 'checkpoint.eqx'}",
+        f"data.path={tmp_path / 'observations.nc'}",
+        "plot=false",
+        "progress=false",
+        run_dir=tmp_path / "run",
+    )
+    assert run.returncode == 0, run.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["windows_converged"] == metrics["windows"] == 2
+    assert metrics["rmse_truth"] < metrics["rmse_background"], metrics

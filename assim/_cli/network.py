@@ -9,9 +9,15 @@ from .common import build_simulator
 
 
 def build_network(sim_cfg, net_cfg, *, n_times: int, interval: int, scale: float, seed):
-    """`(network, parameter)`: an untrained `UnrolledVar` for the configured simulator
-    (with its unknown parameter learned when `learn_parameters`)."""
-    from assim import DiffusionCovariance, NeuralCorrection, UnrolledVar
+    """`(network, parameter)`: an untrained `UnrolledVar` (`name: unrolled`) or
+    `BilevelVar` (`name: bilevel`) for the configured simulator, with its unknown
+    parameter learned when `learn_parameters`."""
+    from assim import BilevelVar, DiffusionCovariance, NeuralCorrection, UnrolledVar
+
+    if net_cfg.name not in ("unrolled", "bilevel"):
+        raise ValueError(
+            f"network name must be 'unrolled' or 'bilevel', got {net_cfg.name!r}"
+        )
 
     simulator, parameter = build_simulator(sim_cfg)
     grid = simulator.model.grid
@@ -31,13 +37,30 @@ def build_network(sim_cfg, net_cfg, *, n_times: int, interval: int, scale: float
         )
     learn = bool(net_cfg.learn_parameters) and parameter is not None
     dtype = jnp.zeros(()).dtype
+    B = DiffusionCovariance(
+        grid,
+        float(net_cfg.background_std),
+        float(net_cfg.background_length_scale) * min(grid.length),
+    )
+    theta = jnp.zeros(parameter.shape, dtype) if learn else None
+    set_parameters = parameter.set if learn else None
+    if net_cfg.name == "bilevel":
+        net = BilevelVar(
+            simulator,
+            B,
+            observation_interval=int(interval),
+            theta=theta,
+            set_parameters=set_parameters,
+            scale=float(scale),
+            rtol=float(net_cfg.rtol),
+            atol=float(net_cfg.atol),
+            max_steps=int(net_cfg.max_steps),
+            hypergradient=str(net_cfg.hypergradient),
+        )
+        return net, (parameter if learn else None)
     net = UnrolledVar(
         simulator,
-        DiffusionCovariance(
-            grid,
-            float(net_cfg.background_std),
-            float(net_cfg.background_length_scale) * min(grid.length),
-        ),
+        B,
         int(net_cfg.n_layers),
         observation_interval=int(interval),
         n_times=int(n_times),
@@ -48,8 +71,8 @@ def build_network(sim_cfg, net_cfg, *, n_times: int, interval: int, scale: float
         prior=net_cfg.prior,
         gradient_solver=bool(net_cfg.gradient_solver),
         warm_start=bool(net_cfg.warm_start),
-        theta=jnp.zeros(parameter.shape, dtype) if learn else None,
-        set_parameters=parameter.set if learn else None,
+        theta=theta,
+        set_parameters=set_parameters,
         scale=float(scale),
         width=int(net_cfg.width),
         depth=int(net_cfg.depth),

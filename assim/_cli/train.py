@@ -1,10 +1,11 @@
-"""`assim-train`: train an unrolled variational network.
+"""`assim-train`: train a window network (unrolled, or bilevel with `network=bilevel`).
 
 With no arguments: the bundled 2D advection-diffusion dataset, the masking loss (no
 ground truth), 5 layers with momentum and a proximal CNN prior, the diffusivity field
 learned jointly. Writes `checkpoint.eqx` and `metrics.jsonl` into the hydra run
-directory; `resume=true hydra.run.dir=THAT_DIR` continues where it stopped, e.g.
-`assim-train training.losses='{supervised: 1.0}'`, `assim-train network.prior=pnp`.
+directory; `resume=true hydra.run.dir=THAT_DIR` continues where it stopped. E.g.
+`assim-train training.losses.masking=0 training.losses.supervised=1`,
+`assim-train network.prior=pnp`.
 """
 
 import time
@@ -74,7 +75,7 @@ def _train(cfg: DictConfig) -> dict:
         scale=scale,
         seed=cfg.seed,
     )
-    if cfg.network.step == "auto":  # stable on the first training window
+    if cfg.network.get("step") == "auto":  # stable on the first training window
         net = net.with_stable_steps(
             jax.tree.map(lambda a: a[0], data.obs), data.background[0]
         )
