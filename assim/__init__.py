@@ -47,6 +47,14 @@ from ._observations import open_observations as open_observations
 from ._operators import AbstractObservationOperator as AbstractObservationOperator
 from ._operators import GridSelection as GridSelection
 from ._operators import LinearInterpolation as LinearInterpolation
+from ._parallel import batch_mesh as batch_mesh
+from ._parallel import batch_sharding as batch_sharding
+from ._parallel import gather as gather
+from ._parallel import initialize_distributed as initialize_distributed
+from ._parallel import map_windows as map_windows
+from ._parallel import pad_batch as pad_batch
+from ._parallel import replicate as replicate
+from ._parallel import shard_batch as shard_batch
 from ._train import TrainingStopped as TrainingStopped
 from ._train import TrainSettings as TrainSettings
 from ._train import TrainState as TrainState

@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from jaxtyping import PyTree
 
 from ._losses import Batch, batch_loss
+from ._parallel import batch_mesh, batch_sharding, check_divides, replicate
 from ._unrolled import AbstractWindowNet
 
 
@@ -121,7 +123,9 @@ def _batch_key(settings: TrainSettings, step):
 
 
 @eqx.filter_jit
-def _train_step(state: TrainState, static, data: Batch, settings: TrainSettings):
+def _train_step(
+    state: TrainState, static, data: Batch, settings: TrainSettings, sharding
+):
     key_batch, key_loss = jax.random.split(_batch_key(settings, state.step))
     index = jax.random.choice(
         key_batch,
@@ -129,7 +133,10 @@ def _train_step(state: TrainState, static, data: Batch, settings: TrainSettings)
         (settings.batch_size,),
         replace=data.size < settings.batch_size,
     )
-    batch = _select(data, index)
+    # The drawn windows split over the devices (data parallelism); the parameters
+    # and the data they are drawn from are replicated, so XLA inserts the
+    # gradient's all-reduce.
+    batch = jax.lax.with_sharding_constraint(_select(data, index), sharding)
 
     def loss(params):
         net = eqx.combine(params, static)
@@ -162,7 +169,11 @@ def evaluate(net: AbstractWindowNet, data: Batch, settings: TrainSettings) -> di
 
 def save_checkpoint(path, state: TrainState, header: dict):
     """Write `header` (one JSON line) and the state's leaves
-    (`eqx.tree_serialise_leaves`) atomically."""
+    (`eqx.tree_serialise_leaves`) atomically. In a multi-host run the first
+    process writes (the state is replicated)."""
+    if jax.process_index() != 0:
+        return
+    state = jax.tree.map(_host_copy, state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -175,6 +186,12 @@ def save_checkpoint(path, state: TrainState, header: dict):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _host_copy(leaf):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        return np.asarray(leaf.addressable_data(0))  # replicated: any copy
+    return leaf
 
 
 def _umask() -> int:
@@ -220,6 +237,7 @@ def train(
     resume: bool = False,
     log: str | Path | None = None,
     on_step: Callable[[int, dict], None] | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[AbstractWindowNet, list[dict]]:
     """Train `net` on the windows of `data`.
 
@@ -236,12 +254,18 @@ def train(
     - `log`: JSON-lines metrics file (appended to when resuming; entries after the
       checkpoint's step are dropped).
     - `on_step`: called as `on_step(step, record)` after every step (progress bars).
+    - `mesh`: the devices that share each batch (`assim.batch_mesh`; default: every
+      device of every process). `batch_size` must divide across them. One device
+      or many, the steps are the same up to floating-point summation order.
 
     **Returns:** `(trained network, records)`.
 
     **Raises:** `TrainingStopped` on a non-finite loss or gradient or a failed solve,
     after saving the last good state.
     """
+    mesh = batch_mesh() if mesh is None else mesh
+    check_divides(settings.batch_size, mesh, "batch_size")
+    sharding = batch_sharding(mesh)
     state = init_state(net, settings)
     header = dict(header or {})
     if resume:
@@ -251,6 +275,7 @@ def train(
     records = _read_log(log, int(state.step)) if resume else []
     if log is not None:
         _write_log(log, records)
+    state, data = replicate(state, mesh), replicate(data, mesh)
     _, static = _split(net)
 
     def save(state):
@@ -266,7 +291,9 @@ def train(
     while int(state.step) < settings.steps:
         step = int(state.step)
         try:
-            new, value, terms, finite = _train_step(state, static, data, settings)
+            new, value, terms, finite = _train_step(
+                state, static, data, settings, sharding
+            )
             finite = bool(finite)
         except (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError) as e:
             save(state)

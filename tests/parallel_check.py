@@ -1,0 +1,135 @@
+"""Run by tests/test_parallel.py in a subprocess with 4 forced host devices
+(`XLA_FLAGS=--xla_force_host_platform_device_count=4`): sharded against
+single-device training and assimilation. Prints one JSON line of findings."""
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import equinox as eqx  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import simulators as sim  # noqa: E402
+from assim import (  # noqa: E402
+    ObservationSet,
+    SpectralCovariance,
+    TrainSettings,
+    UnrolledVar,
+    batch_mesh,
+    map_windows,
+    shard_batch,
+    train,
+    windows_batch,
+)
+from assim._train import _train_step, init_state  # noqa: E402
+
+T, INTERVAL = 3, 5
+
+
+def windows(n):
+    l96 = sim.Simulator(sim.Lorenz96(40, 8.0), sim.RK4(), 0.01)
+    rng = np.random.default_rng(0)
+    u = l96.rollout(jnp.asarray(rng.normal(size=40)), 300)[-1]
+    truth = np.asarray(l96.rollout(u, n * T * INTERVAL)[::INTERVAL])
+    out = []
+    for start in range(0, n * T, T):
+        states = truth[start : start + T]
+        mask = rng.random(states.shape) < 0.5
+        values = np.where(mask, states + rng.normal(size=states.shape), 0.0)
+        out.append(
+            ObservationSet(
+                jnp.asarray(values),
+                jnp.asarray(mask),
+                jnp.ones(states.shape),
+                jnp.arange(T) * 1.0,
+                jnp.asarray(states),
+            )
+        )
+    backgrounds = [w.truth[0] + 1.0 for w in out]
+    B = SpectralCovariance.from_samples(l96.model.grid, truth, 0.05)
+    return l96, B, windows_batch(out, (40,), backgrounds)
+
+
+def main():
+    l96, B, data = windows(7)
+    net = UnrolledVar(
+        l96,
+        B,
+        2,
+        observation_interval=INTERVAL,
+        n_times=T,
+        step=0.1,
+        scale=3.6,
+        momentum=True,
+        prior="proximal",
+        width=4,
+        depth=2,
+        key=jax.random.PRNGKey(0),
+    )
+    settings = TrainSettings(
+        steps=2,
+        batch_size=4,
+        losses={"masking": 1.0, "supervised": 0.5},
+        validate_every=0,
+        checkpoint_every=0,
+    )
+    everywhere, single = batch_mesh(), batch_mesh(jax.devices()[:1])
+    found = {"devices": jax.device_count()}
+    trained = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, mesh in (("sharded", everywhere), ("single", single)):
+            trained[name], records = train(
+                net, data, settings, mesh=mesh, checkpoint=Path(tmp) / f"{name}.eqx"
+            )
+            found[f"loss_{name}"] = [r["loss"] for r in records]
+    def largest_difference(a, b):
+        a, b = (eqx.filter(m, eqx.is_inexact_array) for m in (a, b))
+        diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)
+        return max(jax.tree.leaves(diffs))
+
+    host = {k: jax.tree.map(np.asarray, v) for k, v in trained.items()}
+    found["max_param_difference"] = largest_difference(host["sharded"], host["single"])
+    found["params_changed"] = largest_difference(net, host["sharded"])
+    # The compiled training step on 4 devices: the batch is split, so the
+    # gradient needs a cross-device all-reduce.
+    _, static = eqx.partition(net, net.trainable())
+    state = init_state(net, settings)
+    from assim._parallel import batch_sharding
+
+    hlo = (
+        _train_step.lower(state, static, data, settings, batch_sharding(everywhere))
+        .compile()
+        .compiled.as_text()
+    )
+    found["all_reduce_in_step"] = "all-reduce" in hlo
+    # Assimilation of 7 windows (padded to 8 over 4 devices) against one device.
+    sharded = shard_batch(jax.tree.map(lambda a: a[:4], data), everywhere)
+    found["shard_devices"] = len(sharded.background.sharding.device_set)
+    found["shard_rows"] = [
+        s.data.shape[0] for s in sharded.background.addressable_shards
+    ]
+
+    def analyse(n, window):
+        return n(window.obs, window.background)
+
+    x_sharded = map_windows(analyse, trained["single"], data, mesh=everywhere)
+    x_single = map_windows(analyse, trained["single"], data, mesh=single)
+    found["analysis_rows"] = int(x_sharded.shape[0])
+    found["max_analysis_difference"] = float(np.max(np.abs(x_sharded - x_single)))
+    try:
+        train(net, data, TrainSettings(steps=1, batch_size=3), mesh=everywhere)
+        found["indivisible"] = "accepted"
+    except ValueError as e:
+        found["indivisible"] = str(e)
+    print(json.dumps(found))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
