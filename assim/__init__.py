@@ -17,6 +17,7 @@ from ._covariance import DiffusionCovariance as DiffusionCovariance
 from ._covariance import SpectralCovariance as SpectralCovariance
 from ._cycle import WindowResult as WindowResult
 from ._cycle import analysis_dataset as analysis_dataset
+from ._cycle import assimilate_windows as assimilate_windows
 from ._cycle import cycle as cycle
 from ._cycle import cycle_unrolled as cycle_unrolled
 from ._io import write_json as write_json

@@ -124,6 +124,42 @@ def _window_result(obs, background, analysis, theta, info) -> WindowResult:
     )
 
 
+def _analyse_window(net, obs: ObservationSet, background):
+    """`(trajectory from the background, analysed trajectory, steps, converged)`
+    of one window: steps are the layers of an unrolled network or the inner
+    iterations of a bilevel one (whose 4D-Var may stop unconverged here)."""
+    from ._bilevel import BilevelVar
+
+    if isinstance(net, BilevelVar):
+        sol = net.solve(obs, background, throw=False)
+        x0 = net.initial_state(sol.value, background)
+        steps = sol.stats["num_steps"]
+        converged = sol.result == optx.RESULTS.successful
+    else:
+        x0 = net(obs, background)
+        steps, converged = jnp.asarray(net.n_layers), jnp.asarray(False)
+    n = obs.n_times
+    return net.trajectory(background, n), net.trajectory(x0, n), steps, converged
+
+
+def _network_result(net, obs, first, analysis, steps, converged) -> WindowResult:
+    from ._bilevel import BilevelVar
+
+    costs = [0.5 * float(jnp.sum(obs.innovations(s) ** 2)) for s in (first, analysis)]
+    if isinstance(net, BilevelVar):
+        result = "converged" if converged else "max_steps"
+    else:
+        result = "unrolled"
+    info = SolveInfo(
+        cost=np.asarray(costs),
+        grad_norm=np.full(2, np.nan),
+        steps=int(steps),
+        result=result,
+        converged=bool(converged),
+    )
+    return _window_result(obs, first, analysis, net.theta, info)
+
+
 def cycle_unrolled(
     net, windows: Iterable[ObservationSet], background
 ) -> list[WindowResult]:
@@ -133,47 +169,41 @@ def cycle_unrolled(
     `|(H x - y) / sigma|^2 / 2` of the background and of the analysis; `steps` is
     the number of layers, or the bilevel network's inner iterations (`converged`
     then says whether its 4D-Var converged)."""
-    from ._bilevel import BilevelVar
-
     results = []
     simulator = net.model()
-    bilevel = isinstance(net, BilevelVar)
-
-    def analyse_with_steps(net, obs, xb):
-        if not bilevel:
-            return net(obs, xb), net.n_layers, False
-        sol = net.solve(obs, xb, throw=False)
-        converged = sol.result == optx.RESULTS.successful
-        return net.initial_state(sol.value, xb), sol.stats["num_steps"], converged
-
-    analyse = eqx.filter_jit(analyse_with_steps)
-    trajectory = eqx.filter_jit(lambda net, x, n: net.trajectory(x, n))
+    analyse = eqx.filter_jit(_analyse_window)
     advance = eqx.filter_jit(
         lambda sim, x: sim.rollout(x, net.observation_interval)[-1]
     )
     for obs in windows:
-        x0, steps, converged = analyse(net, obs, background)
-        n = obs.n_times
-        analysis = trajectory(net, x0, n)
-        first = trajectory(net, background, n)
-        costs = [
-            0.5 * float(jnp.sum(obs.innovations(states) ** 2))
-            for states in (first, analysis)
-        ]
-        info = SolveInfo(
-            cost=np.asarray(costs),
-            grad_norm=np.full(2, np.nan),
-            steps=int(steps),
-            result=("converged" if converged else "max_steps")
-            if bilevel
-            else "unrolled",
-            converged=bool(converged),
-        )
-        results.append(_window_result(obs, first, analysis, net.theta, info))
+        first, analysis, steps, converged = analyse(net, obs, background)
+        results.append(_network_result(net, obs, first, analysis, steps, converged))
         background = advance(simulator, analysis[-1])
     if not results:
         raise ValueError("cycle_unrolled: no observation window to assimilate")
     return results
+
+
+def assimilate_windows(
+    net, windows: list[ObservationSet], background, *, mesh=None
+) -> list[WindowResult]:
+    """Apply a trained window network to independent windows, each from the same
+    `background` (no cycling), all at once: vmapped and split over the devices of
+    `mesh` (`assim.batch_mesh`; default every device), padded where the windows do
+    not divide across them. Results as `cycle_unrolled`'s."""
+    from ._losses import Batch
+    from ._parallel import map_windows
+
+    if not windows:
+        raise ValueError("assimilate_windows: no observation window to assimilate")
+    batch = Batch.stack(windows, [background] * len(windows))
+    outputs = map_windows(
+        lambda net, w: _analyse_window(net, w.obs, w.background), net, batch, mesh=mesh
+    )
+    return [
+        _network_result(net, obs, *jax.tree.map(lambda a, i=i: a[i], outputs))
+        for i, obs in enumerate(windows)
+    ]
 
 
 def analysis_dataset(

@@ -1,16 +1,20 @@
-"""Atomic writers: a reader never sees a half-written output file."""
+"""Atomic writers: a reader never sees a half-written output file. In a multi-host
+run only the first process writes (every process holds the same results)."""
 
 import json
 import os
 import tempfile
 from pathlib import Path
 
+import jax
 import numpy as np
 import xarray as xr
 
 
 def _atomic(path: Path, write) -> Path:
     path = Path(path)
+    if jax.process_index() != 0:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)

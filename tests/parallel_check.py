@@ -21,6 +21,7 @@ from assim import (  # noqa: E402
     SpectralCovariance,
     TrainSettings,
     UnrolledVar,
+    assimilate_windows,
     batch_mesh,
     map_windows,
     shard_batch,
@@ -32,7 +33,7 @@ from assim._train import _train_step, init_state  # noqa: E402
 T, INTERVAL = 3, 5
 
 
-def windows(n):
+def twin_windows(n):
     l96 = sim.Simulator(sim.Lorenz96(40, 8.0), sim.RK4(), 0.01)
     rng = np.random.default_rng(0)
     u = l96.rollout(jnp.asarray(rng.normal(size=40)), 300)[-1]
@@ -57,7 +58,7 @@ def windows(n):
 
 
 def main():
-    l96, B, data = windows(7)
+    l96, B, data = twin_windows(7)
     net = UnrolledVar(
         l96,
         B,
@@ -88,6 +89,7 @@ def main():
                 net, data, settings, mesh=mesh, checkpoint=Path(tmp) / f"{name}.eqx"
             )
             found[f"loss_{name}"] = [r["loss"] for r in records]
+
     def largest_difference(a, b):
         a, b = (eqx.filter(m, eqx.is_inexact_array) for m in (a, b))
         diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)
@@ -122,6 +124,17 @@ def main():
     x_single = map_windows(analyse, trained["single"], data, mesh=single)
     found["analysis_rows"] = int(x_sharded.shape[0])
     found["max_analysis_difference"] = float(np.max(np.abs(x_sharded - x_single)))
+    # Independent windows through the analysis path of `assim-run method.cycle=false`.
+    windows = [jax.tree.map(lambda a, i=i: a[i], data.obs) for i in range(data.size)]
+    results = {
+        name: assimilate_windows(trained["single"], windows, data.background[0], mesh=m)
+        for name, m in (("sharded", everywhere), ("single", single))
+    }
+    found["windows_results"] = len(results["sharded"])
+    found["max_window_difference"] = max(
+        float(np.max(np.abs(a.analysis - b.analysis)))
+        for a, b in zip(results["sharded"], results["single"], strict=True)
+    )
     try:
         train(net, data, TrainSettings(steps=1, batch_size=3), mesh=everywhere)
         found["indivisible"] = "accepted"

@@ -198,6 +198,24 @@ def test_run_bad_input_fails_cleanly(tmp_path):
     assert not (tmp_path / "x.nc").exists()
 
 
+def _run_checkpoint(tmp_path, name, *overrides):
+    """`assim-run method=unrolled` with the checkpoint and observations that
+    `assim-train` left in `tmp_path`; its metrics."""
+    run = _app(
+        "run",
+        tmp_path,
+        "method=unrolled",
+        f"method.checkpoint={tmp_path / 'checkpoint.eqx'}",
+        f"data.path={tmp_path / 'observations.nc'}",
+        "plot=false",
+        "progress=false",
+        *overrides,
+        run_dir=tmp_path / name,
+    )
+    assert run.returncode == 0, run.stderr
+    return json.loads((tmp_path / name / "metrics.json").read_text())
+
+
 def test_train_resume_then_run_unrolled(tmp_path):
     """`assim-train` on a tiny Lorenz-96 twin, resumed to one more step, then the
     checkpoint used by `assim-run method=unrolled`."""
@@ -228,18 +246,7 @@ def test_train_resume_then_run_unrolled(tmp_path):
     ]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) for r in records)
-    run = _app(
-        "run",
-        tmp_path,
-        "method=unrolled",
-        f"method.checkpoint={tmp_path / 'checkpoint.eqx'}",
-        f"data.path={tmp_path / 'observations.nc'}",
-        "plot=false",
-        "progress=false",
-        run_dir=tmp_path / "run",
-    )
-    assert run.returncode == 0, run.stderr
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = _run_checkpoint(tmp_path, "run")
     assert metrics["rmse_truth"] < metrics["rmse_background"], metrics
     missing = _app("run", tmp_path, "method=unrolled", "method.checkpoint=nope.eqx")
     assert missing.returncode != 0 and "nope.eqx" in missing.stderr
@@ -275,17 +282,8 @@ def test_train_bilevel_with_evidence_then_run(tmp_path):
     ]
     assert all(set(r) >= {"evidence", "loss"} for r in records)
     assert all("masking" not in r for r in records)
-    run = _app(
-        "run",
-        tmp_path,
-        "method=unrolled",
-        f"method.checkpoint={tmp_path / 'checkpoint.eqx'}",
-        f"data.path={tmp_path / 'observations.nc'}",
-        "plot=false",
-        "progress=false",
-        run_dir=tmp_path / "run",
-    )
-    assert run.returncode == 0, run.stderr
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = _run_checkpoint(tmp_path, "run")
     assert metrics["windows_converged"] == metrics["windows"] == 2
     assert metrics["rmse_truth"] < metrics["rmse_background"], metrics
+    metrics = _run_checkpoint(tmp_path, "independent", "method.cycle=false")
+    assert metrics["windows_converged"] == metrics["windows"] == 2

@@ -48,6 +48,8 @@ def test_training_step_is_split_across_devices(found):
 def test_sharded_assimilation_pads_and_matches_one_device(found):
     assert found["analysis_rows"] == 7  # 7 windows padded to 8, the copy dropped
     assert found["max_analysis_difference"] < 1e-10
+    assert found["windows_results"] == 7
+    assert found["max_window_difference"] < 1e-10
 
 
 def test_indivisible_training_batch_is_refused(found):

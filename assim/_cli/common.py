@@ -164,12 +164,22 @@ def generate_twin(sim_cfg: DictConfig, twin_cfg: DictConfig, seed: int):
 
 
 def run_app(name: str, cfg: DictConfig, body: Callable[[DictConfig], dict]):
-    """Run a CLI body: float64 switch, one-line errors and exit code 2 on bad input."""
+    """Run a CLI body: float64 switch, joining a multi-host run (`distributed`),
+    one-line errors and exit code 2 on bad input."""
     from assim import ObservationError, TrainingStopped
 
     if cfg.get("float64"):
         jax.config.update("jax_enable_x64", True)
     try:
+        distributed = cfg.get("distributed")
+        if distributed is not None and distributed.enabled:
+            from assim import initialize_distributed
+
+            initialize_distributed(
+                distributed.coordinator_address,
+                distributed.num_processes,
+                distributed.process_id,
+            )
         metrics = body(cfg)
     except (ObservationError, ValueError, TypeError, FileNotFoundError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)

@@ -205,7 +205,7 @@ def _assimilate(cfg: DictConfig) -> dict:
 
 
 def _unrolled_pairs(cfg, ds, net, length, heldout, dtype, level):
-    from assim import cycle_unrolled
+    from assim import assimilate_windows, cycle_unrolled
 
     pairs = list(
         _windows(ds, length, jnp.asarray(heldout), cfg.data.max_windows, dtype)
@@ -213,7 +213,11 @@ def _unrolled_pairs(cfg, ds, net, length, heldout, dtype, level):
     if not pairs:
         raise ValueError("no observation window left to assimilate")
     background = jnp.full(net.simulator.model.grid.shape, level, dtype)
-    return cycle_unrolled(net, (p[0] for p in pairs), background), pairs
+    windows = [p[0] for p in pairs]
+    if cfg.method.get("cycle", True):
+        return cycle_unrolled(net, windows, background), pairs
+    # Independent windows, all at once, split over every device.
+    return assimilate_windows(net, windows, background), pairs
 
 
 def _finish(cfg, ds, path, out, t_start, grid, heldout, parameter, outcome):
