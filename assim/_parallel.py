@@ -6,6 +6,7 @@ batch and each device computes its slice)."""
 
 import math
 
+import equinox as eqx
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -124,8 +125,6 @@ def map_windows(fn, net: PyTree, batch: PyTree, *, mesh: Mesh | None = None):
     results are dropped: every window is computed once and none is lost.
 
     **Returns:** host (numpy) results with the batch's leading size."""
-    import equinox as eqx
-
     mesh = batch_mesh() if mesh is None else mesh
     padded, n = pad_batch(batch, mesh.size)
     run = eqx.filter_jit(eqx.filter_vmap(fn, in_axes=(None, 0)))
