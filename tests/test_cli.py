@@ -198,6 +198,20 @@ def test_run_bad_input_fails_cleanly(tmp_path):
     assert not (tmp_path / "x.nc").exists()
 
 
+# A tiny Lorenz-96 twin experiment for the training apps: 2 windows of 4 times.
+TINY_L96_TWIN = [
+    "simulator=lorenz96",
+    "data=twin",
+    "twin.n_times=8",
+    "twin.window_length=4",
+    "twin.spinup_steps=100",
+    "twin.sensors.pattern=stations",
+    "twin.sensors.density=0.5",
+    "twin.sensors.dropout=0.0",
+    "twin.truth.missing_term.kind=none",
+]
+
+
 def _run_checkpoint(tmp_path, name, *overrides):
     """`assim-run method=unrolled` with the checkpoint and observations that
     `assim-train` left in `tmp_path`; its metrics."""
@@ -220,15 +234,7 @@ def test_train_resume_then_run_unrolled(tmp_path):
     """`assim-train` on a tiny Lorenz-96 twin, resumed to one more step, then the
     checkpoint used by `assim-run method=unrolled`."""
     small = [
-        "simulator=lorenz96",
-        "data=twin",
-        "twin.n_times=8",
-        "twin.window_length=4",
-        "twin.spinup_steps=100",
-        "twin.sensors.pattern=stations",
-        "twin.sensors.density=0.5",
-        "twin.sensors.dropout=0.0",
-        "twin.truth.missing_term.kind=none",
+        *TINY_L96_TWIN,
         "network.n_layers=2",
         "network.width=4",
         "network.depth=2",
@@ -259,15 +265,7 @@ def test_train_bilevel_with_evidence_then_run(tmp_path):
     train = _app(
         "train",
         tmp_path,
-        "simulator=lorenz96",
-        "data=twin",
-        "twin.n_times=8",
-        "twin.window_length=4",
-        "twin.spinup_steps=100",
-        "twin.sensors.pattern=stations",
-        "twin.sensors.density=0.5",
-        "twin.sensors.dropout=0.0",
-        "twin.truth.missing_term.kind=none",
+        *TINY_L96_TWIN,
         "network=bilevel",
         "training.batch_size=1",
         "training.steps=2",
