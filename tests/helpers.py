@@ -1,4 +1,5 @@
-"""Shared test helpers: tree comparisons, the model/scheme lists, Taylor tests."""
+"""Shared test helpers: tree comparisons, the model/scheme lists, Taylor tests, small
+Lorenz-96 twin windows."""
 
 import equinox as eqx
 import jax
@@ -130,3 +131,33 @@ def finite_difference(fn, x, direction, scale=1.0):
     """Central difference of `fn` along `direction`, eps = sqrt(machine eps) x scale."""
     eps = float(np.sqrt(np.finfo(np.float64).eps)) * scale
     return (fn(x + eps * direction) - fn(x - eps * direction)) / (2 * eps)
+
+
+def l96_twin_windows(n_windows: int, n_times: int, interval: int, *, spinup: int):
+    """`(simulator, B, windows)`: consecutive windows of one Lorenz-96 truth run (40
+    variables, RK4, dt 0.01), half of the variables observed at random at each of
+    `n_times` times `interval` steps apart with N(0, 1) errors; `B` the truth's
+    spectrum scaled by 0.05."""
+    from assim import ObservationSet, SpectralCovariance
+
+    l96 = sim.Simulator(sim.Lorenz96(40, 8.0), sim.RK4(), 0.01)
+    rng = np.random.default_rng(0)
+    u = l96.rollout(jnp.asarray(rng.normal(size=40)), spinup)[-1]
+    T = n_times
+    truth = np.asarray(l96.rollout(u, n_windows * T * interval)[::interval])
+    windows = []
+    for start in range(0, n_windows * T, T):
+        states = truth[start : start + T]
+        mask = rng.random(states.shape) < 0.5
+        values = np.where(mask, states + rng.normal(size=states.shape), 0.0)
+        windows.append(
+            ObservationSet(
+                jnp.asarray(values),
+                jnp.asarray(mask),
+                jnp.ones(states.shape),
+                jnp.arange(T) * 1.0,
+                jnp.asarray(states),
+            )
+        )
+    B = SpectralCovariance.from_samples(l96.model.grid, truth, 0.05)
+    return l96, B, windows

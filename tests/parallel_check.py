@@ -12,13 +12,10 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 import equinox as eqx  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from helpers import l96_twin_windows  # noqa: E402
 
-import simulators as sim  # noqa: E402
 from assim import (  # noqa: E402
-    ObservationSet,
-    SpectralCovariance,
     TrainSettings,
     UnrolledVar,
     assimilate_windows,
@@ -34,27 +31,9 @@ T, INTERVAL = 3, 5
 
 
 def twin_windows(n):
-    l96 = sim.Simulator(sim.Lorenz96(40, 8.0), sim.RK4(), 0.01)
-    rng = np.random.default_rng(0)
-    u = l96.rollout(jnp.asarray(rng.normal(size=40)), 300)[-1]
-    truth = np.asarray(l96.rollout(u, n * T * INTERVAL)[::INTERVAL])
-    out = []
-    for start in range(0, n * T, T):
-        states = truth[start : start + T]
-        mask = rng.random(states.shape) < 0.5
-        values = np.where(mask, states + rng.normal(size=states.shape), 0.0)
-        out.append(
-            ObservationSet(
-                jnp.asarray(values),
-                jnp.asarray(mask),
-                jnp.ones(states.shape),
-                jnp.arange(T) * 1.0,
-                jnp.asarray(states),
-            )
-        )
-    backgrounds = [w.truth[0] + 1.0 for w in out]
-    B = SpectralCovariance.from_samples(l96.model.grid, truth, 0.05)
-    return l96, B, windows_batch(out, (40,), backgrounds)
+    l96, B, windows = l96_twin_windows(n, T, INTERVAL, spinup=300)
+    backgrounds = [w.truth[0] + 1.0 for w in windows]
+    return l96, B, windows_batch(windows, (40,), backgrounds)
 
 
 def main():

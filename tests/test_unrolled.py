@@ -9,13 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tree_allclose
+from helpers import l96_twin_windows, tree_allclose
 
 import simulators as sim
 from assim import (
     BilevelVar,
-    ObservationSet,
-    SpectralCovariance,
     TrainingStopped,
     TrainSettings,
     UnrolledVar,
@@ -31,26 +29,7 @@ T, INTERVAL = 3, 5
 
 @pytest.fixture(scope="module")
 def l96_windows():
-    l96 = sim.Simulator(sim.Lorenz96(40, 8.0), sim.RK4(), 0.01)
-    rng = np.random.default_rng(0)
-    u = l96.rollout(jnp.asarray(rng.normal(size=40)), 500)[-1]
-    truth = np.asarray(l96.rollout(u, 8 * T * INTERVAL)[::INTERVAL])
-    windows = []
-    for start in range(0, 8 * T, T):
-        states = truth[start : start + T]
-        mask = rng.random(states.shape) < 0.5
-        values = np.where(mask, states + rng.normal(size=states.shape), 0.0)
-        windows.append(
-            ObservationSet(
-                jnp.asarray(values),
-                jnp.asarray(mask),
-                jnp.ones(states.shape),
-                jnp.arange(T) * 1.0,
-                jnp.asarray(states),
-            )
-        )
-    B = SpectralCovariance.from_samples(l96.model.grid, truth, 0.05)
-    return l96, B, windows
+    return l96_twin_windows(8, T, INTERVAL, spinup=500)
 
 
 def set_forcing(simulator, theta):
