@@ -1,7 +1,14 @@
 """Run by tests/test_parallel.py in a subprocess with 4 forced host devices
 (`XLA_FLAGS=--xla_force_host_platform_device_count=4`): sharded against
-single-device training and assimilation. Prints one JSON line of findings."""
+single-device training and assimilation. Prints one JSON line of findings.
 
+With `--distributed COORDINATOR NUM_PROCESSES PROCESS_ID` it is one of several
+processes joined by `jax.distributed.initialize` (e.g. 2 processes of 2 forced
+devices each: the same 4-device mesh over two hosts' worth of processes); it then
+prints what every process computed (losses, trained parameters, analyses), for the
+test to compare with the single-process run."""
+
+import argparse
 import json
 import sys
 import tempfile
@@ -36,7 +43,20 @@ def twin_windows(n):
     return l96, B, windows_batch(windows, (40,), backgrounds)
 
 
+def flat_params(net) -> list[float]:
+    leaves = jax.tree.leaves(eqx.filter(net, eqx.is_inexact_array))
+    return np.concatenate([np.ravel(np.asarray(a)) for a in leaves]).tolist()
+
+
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--distributed", nargs=3, metavar=("ADDRESS", "N", "ID"))
+    args = parser.parse_args()
+    if args.distributed:
+        from assim import initialize_distributed
+
+        address, n, pid = args.distributed
+        initialize_distributed(address, int(n), int(pid))
     l96, B, data = twin_windows(7)
     net = UnrolledVar(
         l96,
@@ -60,7 +80,9 @@ def main():
         checkpoint_every=0,
     )
     everywhere, single = batch_mesh(), batch_mesh(jax.devices()[:1])
-    found = {"devices": jax.device_count()}
+    found = {"devices": jax.device_count(), "processes": jax.process_count()}
+    if args.distributed:  # a mesh over one process's device cannot run on the other
+        return distributed(net, data, settings, everywhere, found)
     trained = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, mesh in (("sharded", everywhere), ("single", single)):
@@ -77,6 +99,7 @@ def main():
     host = {k: jax.tree.map(np.asarray, v) for k, v in trained.items()}
     found["max_param_difference"] = largest_difference(host["sharded"], host["single"])
     found["params_changed"] = largest_difference(net, host["sharded"])
+    found["params_single"] = flat_params(host["single"])
     # The compiled training step on 4 devices: the batch is split, so the
     # gradient needs a cross-device all-reduce.
     _, static = eqx.partition(net, net.trainable())
@@ -96,12 +119,10 @@ def main():
         s.data.shape[0] for s in sharded.background.addressable_shards
     ]
 
-    def analyse(n, window):
-        return n(window.obs, window.background)
-
     x_sharded = map_windows(analyse, trained["single"], data, mesh=everywhere)
     x_single = map_windows(analyse, trained["single"], data, mesh=single)
     found["analysis_rows"] = int(x_sharded.shape[0])
+    found["analysis_single"] = np.ravel(x_single).tolist()
     found["max_analysis_difference"] = float(np.max(np.abs(x_sharded - x_single)))
     # Independent windows through the analysis path of `assim-run method.cycle=false`.
     windows = [jax.tree.map(lambda a, i=i: a[i], data.obs) for i in range(data.size)]
@@ -120,6 +141,35 @@ def main():
     except ValueError as e:
         found["indivisible"] = str(e)
     print(json.dumps(found))
+    return 0
+
+
+def analyse(n, window):
+    return n(window.obs, window.background)
+
+
+def distributed(net, data, settings, mesh, found):
+    """Train and assimilate over every process's devices; report the results."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trained, records = train(
+            net, data, settings, mesh=mesh, checkpoint=Path(tmp) / "net.eqx"
+        )
+        found["checkpoint_written"] = (Path(tmp) / "net.eqx").is_file()
+    found["process"] = jax.process_index()
+    found["local_devices"] = jax.local_device_count()
+    found["loss_sharded"] = [r["loss"] for r in records]
+    found["params_sharded"] = flat_params(trained)
+    sharded = shard_batch(jax.tree.map(lambda a: a[:4], data), mesh)
+    found["shard_processes"] = len(
+        {d.process_index for d in sharded.background.sharding.device_set}
+    )
+    found["local_shard_rows"] = [
+        s.data.shape[0] for s in sharded.background.addressable_shards
+    ]
+    x = map_windows(analyse, trained, data, mesh=mesh)
+    found["analysis_rows"] = int(x.shape[0])
+    found["analysis_sharded"] = np.ravel(x).tolist()
+    print(json.dumps(found), flush=True)
     return 0
 
 

@@ -1,31 +1,73 @@
 """Data parallelism on 4 forced CPU host devices (in a subprocess: the device count
 is fixed when JAX starts): sharded training steps and assimilation agree with one
 device, the batch really is split, and a batch that does not divide is refused or
-padded, never dropped."""
+padded, never dropped. Then the same over two processes of 2 devices each, joined
+by `jax.distributed.initialize` (two local "hosts" talking through the coordinator
+and gloo collectives), against the single-process results."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+SCRIPT = Path(__file__).with_name("parallel_check.py")
+
+
+def _env(devices: int) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
 def found():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    env["JAX_PLATFORMS"] = "cpu"
-    script = Path(__file__).with_name("parallel_check.py")
     result = subprocess.run(
-        [sys.executable, str(script)],
+        [sys.executable, str(SCRIPT)],
         capture_output=True,
         text=True,
-        env=env,
+        env=_env(4),
         timeout=600,
     )
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return _last_json(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def processes():
+    """What each of 2 processes (2 devices each, one 4-device mesh) computed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPT), "--distributed", f"127.0.0.1:{port}", "2"]
+            + [str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(2),
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-3000:]
+            outputs.append(_last_json(out))
+    finally:
+        for p in procs:
+            p.kill()
+    return outputs
 
 
 def test_four_devices_are_visible(found):
@@ -56,3 +98,25 @@ def test_indivisible_training_batch_is_refused(found):
     assert found["indivisible"].startswith(
         "batch_size 3 does not divide across 4 devices"
     )
+
+
+def test_two_processes_form_one_mesh(processes):
+    for i, found in enumerate(processes):
+        assert found["process"] == i
+        assert found["processes"] == 2
+        assert found["devices"] == 4 and found["local_devices"] == 2
+        assert found["shard_processes"] == 2  # the batch spans both processes
+        assert found["local_shard_rows"] == [1, 1]  # 4 windows: 1 per device
+    # Only the first process writes the (replicated) checkpoint.
+    assert [f["checkpoint_written"] for f in processes] == [True, False]
+
+
+def test_two_processes_train_and_assimilate_as_one_device(found, processes):
+    single = np.asarray(found["params_single"])
+    for other in processes:
+        assert np.max(np.abs(np.asarray(other["params_sharded"]) - single)) < 1e-10
+        np.testing.assert_allclose(other["loss_sharded"], found["loss_single"], 1e-10)
+        assert other["analysis_rows"] == 7
+        np.testing.assert_allclose(
+            other["analysis_sharded"], found["analysis_single"], rtol=0, atol=1e-10
+        )
