@@ -72,7 +72,7 @@ class AbstractWindowNet(eqx.Module):
         """The model states at the `n_times` observation times from `x0`."""
         simulator = self.model() if simulator is None else simulator
         k = self.observation_interval
-        return simulator.rollout(x0, (n_times - 1) * k)[::k]
+        return simulator.rollout(x0, (n_times - 1) * k, every=k)
 
     def observation_cost(self, x0, obs: ObservationSet, simulator=None):
         """`J_o(x0) = |(H M(x0) - y) / sigma|^2 / 2` over the reporting sensors."""

@@ -143,7 +143,7 @@ class Var4D(eqx.Module):
         x0, simulator = self.analysis(control)
         interval = self.observation_interval
         if control.w is None:
-            return simulator.rollout(x0, (n_obs - 1) * interval)[::interval]
+            return simulator.rollout(x0, (n_obs - 1) * interval, every=interval)
         if control.w.shape[0] != n_obs - 1:
             raise ValueError(
                 f"{control.w.shape[0]} model-error forcings for {n_obs - 1} intervals"
@@ -307,6 +307,12 @@ def minimise(
     **Returns:** `(control, info)`; a run that hits `max_steps` returns its last
     iterate and says so in `info.result` (not an exception).
     """
+    if method == "gauss-newton" and cost.simulator.checkpoints is not None:
+        raise ValueError(
+            "Gauss-Newton needs the tangent-linear model (forward mode), which "
+            "binomially checkpointed rollouts do not have: use method lbfgs "
+            "(method=var4d_lbfgs) or simulator checkpoints=None"
+        )
     solver = make_solver(method, **solver_options)
     y = cost.initial_control(obs) if control is None else control
     args = (cost, obs)

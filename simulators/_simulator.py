@@ -1,6 +1,7 @@
 from collections.abc import Callable
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +31,13 @@ class Simulator(eqx.Module):
       iterations (implicit adjoint), and recomputing a Newton solve in the backward
       pass costs a second forward. Turn it on for long rollouts of many-stage
       schemes where the stage values would not fit in memory.
+    - `checkpoints`: binomial (treeverse) checkpointing of `rollout`'s time loop
+      (equinox's checkpointed while loop, as diffrax's `RecursiveCheckpointAdjoint`):
+      the gradient stores `checkpoints` states however many steps the rollout has,
+      and recomputes the others (O(n log n) steps for n). For long windows on large
+      grids, where one state per step does not fit. Reverse mode only: no
+      forward-mode derivatives (JVPs, Hessian-vector products) through such a
+      rollout. `None` (default): a plain `lax.scan`.
     - `check_finite`: `rollout` raises on a non-finite trajectory (the default).
       `False` returns it as is, for optimisers whose line search backs off from an
       infinite cost (e.g. the inner 4D-Var of `assim.BilevelVar`).
@@ -41,8 +49,13 @@ class Simulator(eqx.Module):
     correction: Callable | None = None
     checkpoint: bool = eqx.field(static=True, default=False)
     check_finite: bool = eqx.field(static=True, default=True)
+    checkpoints: int | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
+        if self.checkpoints is not None and self.checkpoints < 1:
+            raise ValueError(
+                f"checkpoints must be None or >= 1, got {self.checkpoints}"
+            )
         if self.dt.ndim:
             raise ValueError(f"dt must be a scalar, got shape {self.dt.shape}")
         if is_concrete(self.dt) and not np.asarray(self.dt) > 0:
@@ -58,25 +71,60 @@ class Simulator(eqx.Module):
         return self.step_with_info(u)[0]
 
     def rollout(
-        self, u0: Float[Array, "*grid"], n_steps: int, *, with_info: bool = False
+        self,
+        u0: Float[Array, "*grid"],
+        n_steps: int,
+        *,
+        every: int = 1,
+        with_info: bool = False,
     ):
         """Run `n_steps` steps from `u0`.
 
-        **Returns:** the trajectory, shape `(n_steps + 1, *grid)` with `u0` first;
-        with `with_info=True`, `(trajectory, info)` where each info entry has one
-        value per step. A trajectory that became non-finite raises an error.
+        **Arguments:**
+
+        - `u0`: the initial state.
+        - `n_steps`: the number of steps.
+        - `every`: keep every `every`-th state only (e.g. the observation times of a
+          window); `n_steps` must be a multiple of it. Memory for the output and, in
+          the plain loop, for the gradient's stored states follows.
+        - `with_info`: also return the per-step solver information.
+
+        **Returns:** the trajectory, shape `(n_steps // every + 1, *grid)` with `u0`
+        first; with `with_info=True`, `(trajectory, info)` where each info entry has
+        one value per step. A trajectory that became non-finite raises an error.
         """
         if int(n_steps) != n_steps or n_steps < 0:
             raise ValueError(f"n_steps must be a non-negative integer, got {n_steps}")
+        if int(every) != every or every < 1 or n_steps % every:
+            raise ValueError(
+                f"every must be a positive divisor of n_steps {n_steps}, got {every}"
+            )
+        n_steps, every = int(n_steps), int(every)
         u0 = self.model.check_state(u0)
 
-        def body(u, _):
-            u_next, info = self.scheme.step(self.model, u, self.dt, self.correction)
-            return u_next, (u_next, info)
+        def step(u):
+            return self.scheme.step(self.model, u, self.dt, self.correction)
 
         if self.checkpoint:
-            body = jax.checkpoint(body)
-        final, (states, info) = jax.lax.scan(body, u0, None, length=int(n_steps))
+            step = jax.checkpoint(step)
+        if self.checkpoints is not None:
+            if with_info:
+                raise ValueError(
+                    "rollout(with_info=True) is not available with binomial "
+                    "checkpoints (the per-step information is not stored)"
+                )
+            final, states = self._checkpointed(step, u0, n_steps, every)
+            info = None
+        else:
+
+            def interval(u, _):
+                u, info = jax.lax.scan(lambda v, _: step(v), u, None, length=every)
+                return u, (u, info)
+
+            final, (states, info) = jax.lax.scan(
+                interval, u0, None, length=n_steps // every
+            )
+            info = jax.tree.map(lambda a: a.reshape(n_steps, *a.shape[2:]), info)
         if self.check_finite:
             states = eqx.error_if(
                 states,
@@ -85,3 +133,27 @@ class Simulator(eqx.Module):
             )
         trajectory = jnp.concatenate([u0[None], states])
         return (trajectory, info) if with_info else trajectory
+
+    def _checkpointed(self, step, u0, n_steps: int, every: int):
+        """The time loop as a binomially checkpointed while loop; the kept states
+        are written to a buffer (write-only inside the loop, as diffrax saves)."""
+        kept = jnp.zeros((n_steps // every, *u0.shape), u0.dtype)
+
+        def body(carry):
+            i, u, kept = carry
+            u = step(u)[0]
+            i = i + 1
+            index = jnp.maximum(i // every - 1, 0)
+            kept = kept.at[index].set(u, pred=(i % every) == 0)
+            return i, u, kept
+
+        _, final, kept = eqxi.while_loop(
+            lambda carry: carry[0] < n_steps,
+            body,
+            (jnp.asarray(0), u0, kept),
+            max_steps=n_steps,
+            buffers=lambda carry: carry[2],
+            kind="checkpointed",
+            checkpoints=self.checkpoints,
+        )
+        return final, kept

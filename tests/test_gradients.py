@@ -173,3 +173,61 @@ def test_rollout_checkpointing_does_not_change_gradient():
     g2 = jax.grad(_rollout_loss(checkpointed))(u0)
     assert tree_allclose(g1, g2, rtol=1e-12)
     assert isinstance(simulator.scheme, sim.ThetaMethod)
+
+
+def _navier_stokes(n=16, **options):
+    model = sim.NavierStokes2D(n=n, nu=1e-3, alpha=0.1, amplitude=1.0, wavenumber=2)
+    return sim.Simulator(model, sim.IMEXRungeKutta("ars222"), 0.05, **options)
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_binomial_checkpoints_give_the_same_rollout_and_gradient(every):
+    plain = _navier_stokes()
+    binomial = _navier_stokes(checkpoints=3)
+    u0 = 3.0 * smooth_state(plain.model.grid, seed=2)
+
+    def loss(simulator):
+        return lambda u: jnp.sum(jnp.sin(simulator.rollout(u, 24, every=every)))
+
+    assert plain.rollout(u0, 24, every=every).shape == (24 // every + 1, 16, 16)
+    assert tree_allclose(
+        plain.rollout(u0, 24, every=every), plain.rollout(u0, 24)[::every]
+    )
+    assert tree_allclose(
+        binomial.rollout(u0, 24, every=every), plain.rollout(u0, 24, every=every)
+    )
+    assert tree_allclose(
+        jax.grad(loss(binomial))(u0), jax.grad(loss(plain))(u0), rtol=1e-11
+    )
+
+
+def _gradient_memory(simulator, u0, n_steps) -> int:
+    """Bytes of XLA temporaries of the compiled gradient of an n-step rollout that
+    keeps its final state only."""
+
+    def loss(u):
+        return jnp.sum(simulator.rollout(u, n_steps, every=n_steps)[-1] ** 2)
+
+    grad = jax.jit(jax.grad(loss))
+    return grad.lower(u0).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_binomial_checkpoints_keep_gradient_memory_flat_in_steps():
+    plain, binomial = _navier_stokes(32), _navier_stokes(32, checkpoints=4)
+    u0 = smooth_state(plain.model.grid)
+    plain_mem = [_gradient_memory(plain, u0, n) for n in (16, 64)]
+    binomial_mem = [_gradient_memory(binomial, u0, n) for n in (16, 64)]
+    assert plain_mem[1] > 3.0 * plain_mem[0]  # stores every step's internals
+    assert binomial_mem[1] < 1.1 * binomial_mem[0]  # 4 states, whatever the steps
+    assert binomial_mem[1] < 0.2 * plain_mem[1]
+
+
+def test_rollout_arguments_are_checked():
+    simulator = _navier_stokes(8)
+    u0 = jnp.zeros((8, 8))
+    with pytest.raises(ValueError, match="every must be a positive divisor"):
+        simulator.rollout(u0, 10, every=3)
+    with pytest.raises(ValueError, match="not available with binomial checkpoints"):
+        _navier_stokes(8, checkpoints=2).rollout(u0, 4, with_info=True)
+    with pytest.raises(ValueError, match="checkpoints must be None or >= 1"):
+        _navier_stokes(8, checkpoints=0)

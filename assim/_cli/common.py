@@ -60,7 +60,9 @@ def build_simulator(cfg: DictConfig) -> tuple[Simulator, Parameter | None]:
         source = source_field(model.grid, OmegaConf.to_object(cfg.source_modes))
         model = eqx.tree_at(lambda m: m.source, model, jnp.asarray(source))
     scheme = instantiate(cfg.scheme, _convert_="all")
-    simulator = Simulator(model, scheme, cfg.dt)
+    # checkpoints: n binomial checkpoints of the rollouts (long windows, large grids;
+    # gradients only: use with L-BFGS 4D-Var, not Gauss-Newton's forward mode).
+    simulator = Simulator(model, scheme, cfg.dt, checkpoints=cfg.get("checkpoints"))
     spec = cfg.get("parameter")
     if not spec:
         return simulator, None
