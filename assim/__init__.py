@@ -7,7 +7,9 @@ roots (diagonal, diffusion-correlated, spectral), 3D-Var and strong- / weak-cons
 cycling, scores, twin experiments, atomic writers and the CLIs (`assim-run`,
 `assim-data`, `assim-simulate`). Unrolled variational networks (`UnrolledVar`), bilevel
 4D-Var with implicit hypergradients (`BilevelVar`), their
-losses and their training (`train`, `assim-train`).
+losses and their training (`train`, `assim-train`). Data parallelism over devices and
+hosts (`batch_mesh`, `map_windows`), archives larger than memory (`open_archive`,
+`WindowStream`).
 """
 
 from ._bilevel import BilevelVar as BilevelVar
@@ -56,6 +58,10 @@ from ._parallel import map_windows as map_windows
 from ._parallel import pad_batch as pad_batch
 from ._parallel import replicate as replicate
 from ._parallel import shard_batch as shard_batch
+from ._stream import WindowStream as WindowStream
+from ._stream import archive_files as archive_files
+from ._stream import open_archive as open_archive
+from ._stream import prefetch as prefetch
 from ._train import TrainingStopped as TrainingStopped
 from ._train import TrainSettings as TrainSettings
 from ._train import TrainState as TrainState

@@ -18,7 +18,14 @@ from jax.sharding import Mesh
 from jaxtyping import PyTree
 
 from ._losses import Batch, batch_loss
-from ._parallel import batch_mesh, batch_sharding, check_divides, replicate
+from ._parallel import (
+    batch_mesh,
+    batch_sharding,
+    check_divides,
+    replicate,
+    shard_batch,
+)
+from ._stream import WindowStream
 from ._unrolled import AbstractWindowNet
 
 
@@ -122,25 +129,20 @@ def _batch_key(settings: TrainSettings, step):
     return jax.random.fold_in(jax.random.PRNGKey(settings.seed), step)
 
 
-@eqx.filter_jit
-def _train_step(
-    state: TrainState, static, data: Batch, settings: TrainSettings, sharding
-):
-    key_batch, key_loss = jax.random.split(_batch_key(settings, state.step))
+def _draw(settings: TrainSettings, step, n: int):
+    """`(batch indices, masking key)` of a step: a function of the seed and the step
+    only, so that a resumed run draws what the uninterrupted run would have."""
+    key_batch, key_loss = jax.random.split(_batch_key(settings, step))
     index = jax.random.choice(
-        key_batch,
-        data.size,
-        (settings.batch_size,),
-        replace=data.size < settings.batch_size,
+        key_batch, n, (settings.batch_size,), replace=n < settings.batch_size
     )
-    # The drawn windows split over the devices (data parallelism); the parameters
-    # and the data they are drawn from are replicated, so XLA inserts the
-    # gradient's all-reduce.
-    batch = jax.lax.with_sharding_constraint(_select(data, index), sharding)
+    return index, key_loss
 
+
+def _update(state: TrainState, static, batch: Batch, key, settings: TrainSettings):
     def loss(params):
         net = eqx.combine(params, static)
-        return batch_loss(net, batch, key=key_loss, **settings.loss_options())
+        return batch_loss(net, batch, key=key, **settings.loss_options())
 
     (value, terms), grads = eqx.filter_value_and_grad(loss, has_aux=True)(state.params)
     updates, opt_state = settings.optimizer().update(
@@ -151,6 +153,35 @@ def _train_step(
         jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
     )
     return TrainState(params, opt_state, state.step + 1), value, terms, finite
+
+
+@eqx.filter_jit
+def _train_step(
+    state: TrainState, static, data: Batch, settings: TrainSettings, sharding
+):
+    index, key = _draw(settings, state.step, data.size)
+    # The drawn windows split over the devices (data parallelism); the parameters
+    # and the data they are drawn from are replicated, so XLA inserts the
+    # gradient's all-reduce.
+    batch = jax.lax.with_sharding_constraint(_select(data, index), sharding)
+    return _update(state, static, batch, key, settings)
+
+
+@eqx.filter_jit
+def _streamed_step(state: TrainState, static, batch: Batch, settings: TrainSettings):
+    """A step on a batch read from a `WindowStream` (already split over devices)."""
+    _, key = _draw(settings, state.step, 1)
+    return _update(state, static, batch, key, settings)
+
+
+def _stream_batches(stream: WindowStream, settings: TrainSettings, start: int):
+    """The batches of steps `start`, ..., read ahead on a host thread: the same
+    windows as the in-memory path draws (the same keys, on the host)."""
+    draws = (
+        np.asarray(_draw(settings, step, stream.size)[0])
+        for step in range(start, settings.steps)
+    )
+    return stream.batches(draws)
 
 
 @eqx.filter_jit
@@ -246,7 +277,9 @@ def train(
     - `net`: the untrained network (its skeleton; the trained leaves come from the
       checkpoint when resuming).
     - `data`, `validation`: batches of all training / validation windows; each step
-      draws `batch_size` windows from `data`.
+      draws `batch_size` windows from `data`. `data` may be a `WindowStream` over
+      an archive larger than memory: each step's windows (the same draws) are then
+      read from disk on a host thread while the previous step computes.
     - `checkpoint`: file written every `checkpoint_every` steps, at the end and on
       a stop; `header` (JSON-able, e.g. the config that rebuilds `net`) is stored
       in it.
@@ -275,8 +308,21 @@ def train(
     records = _read_log(log, int(state.step)) if resume else []
     if log is not None:
         _write_log(log, records)
-    state, data = replicate(state, mesh), replicate(data, mesh)
+    state = replicate(state, mesh)
     _, static = _split(net)
+    batches = None
+    if isinstance(data, WindowStream):
+        batches = _stream_batches(data, settings, int(state.step))
+
+        def step_fn(state):
+            batch = shard_batch(next(batches), mesh)
+            return _streamed_step(state, static, batch, settings)
+
+    else:
+        data = replicate(data, mesh)
+
+        def step_fn(state):
+            return _train_step(state, static, data, settings, sharding)
 
     def save(state):
         if checkpoint is not None:
@@ -288,40 +334,43 @@ def train(
             with open(log, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    while int(state.step) < settings.steps:
-        step = int(state.step)
-        try:
-            new, value, terms, finite = _train_step(
-                state, static, data, settings, sharding
-            )
-            finite = bool(finite)
-        except (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError) as e:
-            save(state)
-            first = error_summary(e)
-            raise TrainingStopped(
-                f"step {step + 1}: a solve failed ({first}); the last good state "
-                f"(step {step}) is in {checkpoint}"
-            ) from e
-        if not finite:
-            save(state)
-            raise TrainingStopped(
-                f"step {step + 1}: non-finite loss or gradient (loss {float(value)}); "
-                f"the last good state (step {step}) is in {checkpoint}"
-            )
-        state = new
-        record = {"step": step + 1, "loss": float(value)}
-        record.update({k: float(v) for k, v in terms.items()})
-        done = int(state.step) == settings.steps
-        every = settings.validate_every
-        if validation is not None and (done or (every and (step + 1) % every == 0)):
-            scores = evaluate(network(net, state), validation, settings)
-            record["validation"] = scores
-        write(record)
-        if on_step is not None:
-            on_step(step + 1, record)
-        every = settings.checkpoint_every
-        if done or (every and (step + 1) % every == 0):
-            save(state)
+    try:
+        while int(state.step) < settings.steps:
+            step = int(state.step)
+            try:
+                new, value, terms, finite = step_fn(state)
+                finite = bool(finite)
+            except (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError) as e:
+                save(state)
+                first = error_summary(e)
+                raise TrainingStopped(
+                    f"step {step + 1}: a solve failed ({first}); the last good state "
+                    f"(step {step}) is in {checkpoint}"
+                ) from e
+            if not finite:
+                save(state)
+                raise TrainingStopped(
+                    f"step {step + 1}: non-finite loss or gradient "
+                    f"(loss {float(value)}); the last good state (step {step}) "
+                    f"is in {checkpoint}"
+                )
+            state = new
+            record = {"step": step + 1, "loss": float(value)}
+            record.update({k: float(v) for k, v in terms.items()})
+            done = int(state.step) == settings.steps
+            every = settings.validate_every
+            if validation is not None and (done or (every and (step + 1) % every == 0)):
+                scores = evaluate(network(net, state), validation, settings)
+                record["validation"] = scores
+            write(record)
+            if on_step is not None:
+                on_step(step + 1, record)
+            every = settings.checkpoint_every
+            if done or (every and (step + 1) % every == 0):
+                save(state)
+    finally:
+        if batches is not None:
+            batches.close()  # stops the reading thread
     return network(net, state), records
 
 

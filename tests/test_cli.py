@@ -285,3 +285,50 @@ def test_train_bilevel_with_evidence_then_run(tmp_path):
     assert metrics["rmse_truth"] < metrics["rmse_background"], metrics
     metrics = _run_checkpoint(tmp_path, "independent", "method.cycle=false")
     assert metrics["windows_converged"] == metrics["windows"] == 2
+
+
+def test_archive_of_files_streamed_to_train_and_run(tmp_path):
+    """A twin split into 3 files: `assim-train data.stream=true` on the folder (the
+    training windows read from disk batch by batch), `assim-run` on a glob of it;
+    a file without the others' variables makes it fail naming the file, with
+    nothing written."""
+    twin = [arg for arg in TINY_L96_TWIN if arg != "data=twin"] + ["twin.n_times=24"]
+    made = _app("data", tmp_path, *twin, "output=twin.nc")
+    assert made.returncode == 0, made.stderr
+    ds = xr.open_dataset(tmp_path / "twin.nc").load().drop_encoding()
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for k in range(3):
+        ds.isel(time=slice(8 * k, 8 * k + 8)).to_netcdf(archive / f"obs_{k}.nc")
+    small = ["network.n_layers=2", "network.width=4", "network.depth=2"]
+    train = _app(
+        "train",
+        tmp_path,
+        "simulator=lorenz96",
+        f"data.path={archive}",
+        "data.stream=true",
+        "network.window_length=4",
+        *small,
+        "training.batch_size=2",
+        "training.steps=2",
+        "progress=false",
+    )
+    assert train.returncode == 0, train.stderr
+    assert "train_windows: " in train.stdout
+    metrics = _run_checkpoint(
+        tmp_path, "run", f"data.path={archive}/obs_*.nc", "simulator=lorenz96"
+    )
+    assert metrics["windows"] == 6  # 24 times from 3 files, windows of 4
+    ds.isel(time=slice(16, 24)).drop_vars("truth").to_netcdf(archive / "obs_2.nc")
+    bad = _app(
+        "run",
+        tmp_path,
+        "simulator=lorenz96",
+        f"data.path={archive}",
+        "method=var4d_lbfgs",
+        run_dir=tmp_path / "bad",
+    )
+    assert bad.returncode != 0
+    assert f"{archive / 'obs_2.nc'}: does not match" in bad.stderr
+    assert "obs_0.nc: variables" in bad.stderr
+    assert not (tmp_path / "bad" / "analysis.nc").exists()

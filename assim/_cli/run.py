@@ -44,8 +44,10 @@ def observation_interval(ds, dt: float) -> int:
 
 def open_data(cfg, grid, out):
     """`(dataset, path, observation interval in steps)` for the `data` config: a
-    generated twin experiment (written to `out`), a file, or the bundled dataset."""
-    from assim import open_observations
+    generated twin experiment (written to `out`), a file, an archive of files (a
+    glob pattern or a directory, opened lazily as one dataset), or the bundled
+    dataset."""
+    from assim import archive_files, open_archive, open_observations
     from assim._io import write_netcdf
 
     if cfg.data.kind == "twin":
@@ -53,15 +55,20 @@ def open_data(cfg, grid, out):
         write_netcdf(generate_twin(cfg.simulator, cfg.twin, int(cfg.seed)), path)
     else:
         path = Path(cfg.data.path) if cfg.data.path else bundled_dataset()
-    ds = open_observations(path, grid=grid)
+    files = archive_files(str(path))
+    if len(files) > 1 or path.is_dir():
+        ds = open_archive(files, grid=grid, chunk_times=cfg.data.get("chunk_times", 16))
+    else:
+        ds = open_observations(files[0], grid=grid)
     return ds, path, observation_interval(ds, float(cfg.simulator.dt))
 
 
 def _windows(ds, length, heldout, max_windows, dtype):
-    """Observation windows with the held-out points removed from the mask."""
-    from assim import ObservationSet, iter_windows
+    """Observation windows with the held-out points removed from the mask (read two
+    windows ahead on a host thread)."""
+    from assim import ObservationSet, iter_windows, prefetch
 
-    for k, obs in enumerate(iter_windows(ds, length)):
+    for k, obs in enumerate(prefetch(iter_windows(ds, length), 2)):
         if max_windows is not None and k >= max_windows:
             return
         mask = obs.mask & ~heldout

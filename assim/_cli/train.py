@@ -28,12 +28,7 @@ def split_windows(ds, length: int, dtype):
     from assim import iter_windows
 
     windows = list(iter_windows(ds, length))
-    if "split" in ds.variables:
-        split = np.asarray(ds["split"].values)
-        labels = [int(split[k * length]) for k in range(len(windows))]
-    else:
-        n = len(windows)
-        labels = [0 if k < 0.8 * n else 1 if k < 0.9 * n else 2 for k in range(n)]
+    labels = window_labels(ds, length)
     groups = {0: [], 1: [], 2: []}
     for label, obs in zip(labels, windows, strict=True):
         groups[label].append(
@@ -47,6 +42,41 @@ def split_windows(ds, length: int, dtype):
     return groups
 
 
+def window_labels(ds, length: int) -> np.ndarray:
+    """Each window's split (0 train, 1 validation, 2 test) from the file's `split`
+    variable (read alone); without one: the first 80% train, the next 10%
+    validation."""
+    n = ds.sizes["time"] // length
+    if "split" in ds.variables:
+        return np.asarray(ds["split"].values)[: n * length : length].astype(int)
+    k = np.arange(n)
+    return np.where(k < 0.8 * n, 0, np.where(k < 0.9 * n, 1, 2))
+
+
+def stream_windows(ds, length: int, max_windows, dtype, grid):
+    """`(training WindowStream, validation Batch or None)`: the training windows
+    stay on disk and are read batch by batch; the validation windows are loaded."""
+    from assim import WindowStream
+
+    labels = window_labels(ds, length)
+    if max_windows:
+        labels = labels[: int(max_windows)]
+    train_idx = np.flatnonzero(labels == 0)
+    if not train_idx.size:
+        raise ValueError("the observation file has no training window")
+    data = WindowStream(
+        ds, length, windows=train_idx.tolist(), dtype=dtype, grid_shape=grid.shape
+    )
+    val_idx = np.flatnonzero(labels == 1).tolist()
+    validation = None
+    if val_idx:
+        val = WindowStream(
+            ds, length, windows=val_idx, dtype=dtype, grid_shape=grid.shape
+        )
+        validation = val.batch(range(len(val)))
+    return data, validation
+
+
 def _train(cfg: DictConfig) -> dict:
     from assim import train, windows_batch
 
@@ -58,15 +88,19 @@ def _train(cfg: DictConfig) -> dict:
     dtype = jnp.zeros(()).dtype
     ds, _, interval = open_data(cfg, grid, out)
     length = int(cfg.network.window_length or ds.attrs.get("window_length", 10))
-    groups = split_windows(ds, length, dtype)
-    if not groups[0]:
-        raise ValueError("the observation file has no training window")
-    if cfg.data.max_windows:
-        groups = {k: v[: int(cfg.data.max_windows)] for k, v in groups.items()}
-    data = windows_batch(groups[0], grid.shape)
-    validation = windows_batch(groups[1], grid.shape) if groups[1] else None
+    if cfg.data.get("stream"):
+        data, validation = stream_windows(ds, length, cfg.data.max_windows, dtype, grid)
+        first = data.batch(range(min(len(data), 16)))
+    else:
+        groups = split_windows(ds, length, dtype)
+        if not groups[0]:
+            raise ValueError("the observation file has no training window")
+        if cfg.data.max_windows:
+            groups = {k: v[: int(cfg.data.max_windows)] for k, v in groups.items()}
+        data = first = windows_batch(groups[0], grid.shape)
+        validation = windows_batch(groups[1], grid.shape) if groups[1] else None
     # The networks' input scale: the spread of the training observations (no truth).
-    scale = data.observed_std()
+    scale = first.observed_std()
     net, parameter = build_network(
         cfg.simulator,
         cfg.network,
@@ -77,7 +111,7 @@ def _train(cfg: DictConfig) -> dict:
     )
     if cfg.network.get("step") == "auto":  # stable on the first training window
         net = net.with_stable_steps(
-            jax.tree.map(lambda a: a[0], data.obs), data.background[0]
+            jax.tree.map(lambda a: a[0], first.obs), first.background[0]
         )
     settings = training_settings(cfg.training, cfg.seed)
     checkpoint = Path(cfg.checkpoint)
