@@ -19,6 +19,7 @@ from ._covariance import DiffusionCovariance as DiffusionCovariance
 from ._covariance import SpectralCovariance as SpectralCovariance
 from ._cycle import WindowResult as WindowResult
 from ._cycle import analysis_dataset as analysis_dataset
+from ._cycle import assimilate_var_windows as assimilate_var_windows
 from ._cycle import assimilate_windows as assimilate_windows
 from ._cycle import cycle as cycle
 from ._cycle import cycle_unrolled as cycle_unrolled
@@ -82,3 +83,4 @@ from ._var import Var4D as Var4D
 from ._var import bounded_log as bounded_log
 from ._var import make_solver as make_solver
 from ._var import minimise as minimise
+from ._var import solve_window as solve_window

@@ -279,6 +279,54 @@ def _value_and_grad_norm(cost, obs, control):
     return value, norm
 
 
+def _check_method(cost: Var4D, method: Method):
+    if method == "gauss-newton" and cost.simulator.checkpoints is not None:
+        raise ValueError(
+            "Gauss-Newton needs the tangent-linear model (forward mode), which "
+            "binomially checkpointed rollouts do not have: use method lbfgs "
+            "(method=var4d_lbfgs) or simulator checkpoints=None"
+        )
+
+
+def solve_window(
+    cost: Var4D,
+    obs: ObservationSet,
+    *,
+    method: Method = "lbfgs",
+    max_steps: int = 200,
+    **solver_options,
+):
+    """One window's minimisation from the background as a single traced computation
+    (optimistix's own loop, no per-iteration host round trip), so that it can be
+    jitted, vmapped over windows and split over devices; `minimise` is the
+    step-by-step version with a recorded history.
+
+    **Returns:** `(control, steps, converged, cost, grad_norm)`, the last two at the
+    background and at the solution (`(2,)` each).
+    """
+    _check_method(cost, method)
+    solver = make_solver(method, **solver_options)
+    objective = _objective(method)
+    y0 = cost.initial_control(obs)
+    run = optx.minimise if method == "lbfgs" else optx.least_squares
+    sol = run(
+        lambda y, args: objective(y, args)[0],
+        solver,
+        y0,
+        (cost, obs),
+        max_steps=max_steps,
+        throw=False,
+    )
+    first, last = (_value_and_grad_norm(cost, obs, y) for y in (y0, sol.value))
+    return (
+        sol.value,
+        sol.stats["num_steps"],
+        sol.result == optx.RESULTS.successful,
+        jnp.stack([first[0], last[0]]),
+        jnp.stack([first[1], last[1]]),
+    )
+
+
 def minimise(
     cost: Var4D,
     obs: ObservationSet,
@@ -307,12 +355,7 @@ def minimise(
     **Returns:** `(control, info)`; a run that hits `max_steps` returns its last
     iterate and says so in `info.result` (not an exception).
     """
-    if method == "gauss-newton" and cost.simulator.checkpoints is not None:
-        raise ValueError(
-            "Gauss-Newton needs the tangent-linear model (forward mode), which "
-            "binomially checkpointed rollouts do not have: use method lbfgs "
-            "(method=var4d_lbfgs) or simulator checkpoints=None"
-        )
+    _check_method(cost, method)
     solver = make_solver(method, **solver_options)
     y = cost.initial_control(obs) if control is None else control
     args = (cost, obs)

@@ -128,6 +128,23 @@ def test_data_then_run_end_to_end(tmp_path):
     assert metrics["parameters"]["kappa"]["units"] == "length2 time-1"
     assert "relative_l2_error" in metrics["parameters"]["kappa"]
     assert metrics["method"]["solver"] == "gauss-newton"
+    # The same windows as independent problems, all at once (method.cycle=false).
+    run = _app(
+        "run",
+        tmp_path,
+        *_SMALL_1D,
+        f"data.path={tmp_path / 'obs.nc'}",
+        "method.max_steps=3",
+        "method.cycle=false",
+        "float64=true",
+        "progress=false",
+        "plot=false",
+        run_dir=tmp_path / "independent",
+    )
+    assert run.returncode == 0, run.stderr
+    independent = json.loads((tmp_path / "independent" / "metrics.json").read_text())
+    assert independent["windows"] == metrics["windows"] == 2
+    assert independent["rmse_truth"] < 0.5 * independent["rmse_background"]
     analysis = xr.open_dataset(tmp_path / "run" / "analysis.nc")
     assert analysis["analysis"].shape == (8, 24)
     assert analysis["kappa"].attrs["units"] == "length2 time-1"

@@ -175,37 +175,45 @@ def _assimilate(cfg: DictConfig) -> dict:
     )
     if not pairs:
         raise ValueError("no observation window left to assimilate")
+    solver_options = {"rtol": float(method.rtol), "atol": float(method.atol)}
+    if method.solver == "gauss-newton":
+        solver_options["inner_steps"] = int(method.inner_steps)
+        solver_options["inner_rtol"] = float(method.inner_rtol)
     bar = None
-    if cfg.progress:
-        from tqdm import tqdm
+    if not method.get("cycle", True):
+        # Independent windows from the first background, all at once, split over
+        # every device (data parallel).
+        from assim import assimilate_var_windows
 
-        bar = tqdm(
-            total=len(pairs) * int(method.max_steps), desc=method.name, unit="iter"
+        results = assimilate_var_windows(
+            template,
+            [p[0] for p in pairs],
+            method=method.solver,
+            max_steps=int(method.max_steps),
+            **solver_options,
         )
+    else:
+        if cfg.progress:
+            from tqdm import tqdm
 
-    def on_iteration(window, iteration, cost):
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(window=window, cost=f"{cost:.4g}")
+            bar = tqdm(
+                total=len(pairs) * int(method.max_steps), desc=method.name, unit="iter"
+            )
 
-    results = cycle(
-        template,
-        (p[0] for p in pairs),
-        method=method.solver,
-        max_steps=int(method.max_steps),
-        cycle_parameters=bool(method.cycle_parameters),
-        on_iteration=on_iteration,
-        rtol=float(method.rtol),
-        atol=float(method.atol),
-        **(
-            {
-                "inner_steps": int(method.inner_steps),
-                "inner_rtol": float(method.inner_rtol),
-            }
-            if method.solver == "gauss-newton"
-            else {}
-        ),
-    )
+        def on_iteration(window, iteration, cost):
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(window=window, cost=f"{cost:.4g}")
+
+        results = cycle(
+            template,
+            (p[0] for p in pairs),
+            method=method.solver,
+            max_steps=int(method.max_steps),
+            cycle_parameters=bool(method.cycle_parameters),
+            on_iteration=on_iteration,
+            **solver_options,
+        )
     if bar is not None:
         bar.close()
     return _finish(*context, parameter if estimate else None, (results, pairs))
