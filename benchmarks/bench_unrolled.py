@@ -172,8 +172,27 @@ def evaluate(method, data):
     return rmse, error, per_window, per_window_batched, trajectories
 
 
+CACHE: Path | None = None  # --cache DIR: trained networks kept between runs
+
+
 def fit(net, data, validation, *, steps, batch_size, losses, learning_rate=3e-3):
-    """Train with `assim.train` (checkpoints in a temporary directory)."""
+    """Train with `assim.train` (checkpoints in a temporary directory). With
+    `--cache DIR`, a network trained before with the same settings is loaded
+    instead (its file is named by a hash of the settings and the network)."""
+    cached = None
+    if CACHE is not None:
+        import hashlib
+
+        key = repr((steps, batch_size, sorted(losses.items()), learning_rate))
+        key += repr(
+            jax.tree.map(
+                lambda a: np.asarray(a).sum(), eqx.filter(net, eqx.is_inexact_array)
+            )
+        )
+        cached = CACHE / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.eqx"
+        if cached.is_file():
+            print(f"    loaded {losses} {steps} steps from {cached}", flush=True)
+            return eqx.tree_deserialise_leaves(cached, net)
     settings = TrainSettings(
         steps=steps,
         batch_size=batch_size,
@@ -197,6 +216,9 @@ def fit(net, data, validation, *, steps, batch_size, losses, learning_rate=3e-3)
         f"{records[-1]['loss']:.4g}",
         flush=True,
     )
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        eqx.tree_serialise_leaves(cached, trained)
     return trained
 
 
@@ -678,7 +700,10 @@ def main():
     parser.add_argument(
         "--memory-layers", type=int, nargs="+", default=[2, 4, 8, 16, 32]
     )
+    parser.add_argument("--cache", type=Path, help="keep trained networks here")
     args = parser.parse_args()
+    global CACHE
+    CACHE = args.cache
     for name in args.only or SECTIONS:
         t0 = time.perf_counter()
         print(f"\n== {name} ==", flush=True)

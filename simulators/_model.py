@@ -54,8 +54,13 @@ class AbstractModel(eqx.Module):
 
         The default is a matrix-free GMRES solve (lineax), differentiated by lineax's
         transpose-solve rule. Models with a diagonalisable `L` override it with an exact
-        structured solve.
+        structured solve. A non-finite `rhs` (a state that already blew up, e.g. a
+        line-search trial) gives a NaN solution, not a Krylov stagnation error, so
+        that an optimiser can back off; a finite `rhs` that GMRES cannot solve still
+        raises.
         """
+        finite = jnp.all(jnp.isfinite(rhs))
+        rhs = jnp.where(finite, rhs, 0.0)
         structure = jax.eval_shape(lambda: rhs)
         operator = lx.FunctionLinearOperator(
             lambda v: v - eta * self.linear(v), structure
@@ -67,9 +72,10 @@ class AbstractModel(eqx.Module):
         )
         tol = _tolerance(rhs.dtype) * 0.1  # 1e-6 in float32: reachable
         solver = lx.GMRES(rtol=tol, atol=tol, restart=20, max_steps=2000)
-        return lx.linear_solve(
+        solution = lx.linear_solve(
             operator, rhs, solver, options={"preconditioner": preconditioner}
         ).value
+        return jnp.where(finite, solution, jnp.nan)
 
     def preconditioner(self, rhs: Array, eta: float | Array) -> Array:
         """A cheap structured approximation of `(I - eta J_f)^{-1} rhs`.

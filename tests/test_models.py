@@ -211,6 +211,20 @@ def test_kappa_field_inverse(boundary, ndim):
     assert float(jnp.max(jnp.abs(x - 3.0 * model.linear(x) - rhs))) < 1e-10
 
 
+def test_kappa_field_inverse_of_a_blown_up_state_is_nan():
+    """A non-finite right-hand side (a line-search trial that blew up) gives NaN for
+    the optimiser to back off from, not a GMRES stagnation error; batched with
+    finite ones, they are solved as before."""
+    grid = sim.Grid((10, 10), (1.0, 1.0))
+    kappa = 0.2 * (1.5 + jnp.sin(2 * np.pi * grid.mesh()[-1]))
+    model = sim.AdvectionDiffusion(grid, kappa, [0.0, 0.0])
+    rhs = smooth_state(grid)
+    batch = jnp.stack([rhs, rhs.at[3, 4].set(jnp.inf)])
+    x = jax.jit(jax.vmap(lambda b: model.linear_inverse(b, 3.0)))(batch)
+    assert bool(jnp.all(jnp.isnan(x[1])))
+    assert float(jnp.max(jnp.abs(x[0] - 3.0 * model.linear(x[0]) - rhs))) < 1e-10
+
+
 @pytest.mark.parametrize(
     "scheme", [sim.backward_euler(), sim.crank_nicolson(), sim.IMEXRungeKutta()]
 )
