@@ -71,7 +71,12 @@ class AbstractModel(eqx.Module):
             lambda v: frozen.preconditioner(v, frozen_eta), structure
         )
         tol = _tolerance(rhs.dtype) * 0.1  # 1e-6 in float32: reachable
-        solver = lx.GMRES(rtol=tol, atol=tol, restart=20, max_steps=2000)
+        # Tolerances relative to the size of rhs: a fixed atol is below round-off
+        # for a large rhs (e.g. an L-BFGS trial step), where GMRES stagnates.
+        from ._solve import ScaleInvariant
+
+        gmres = lx.GMRES(rtol=tol, atol=tol, restart=20, max_steps=2000)
+        solver = ScaleInvariant(gmres)
         solution = lx.linear_solve(
             operator, rhs, solver, options={"preconditioner": preconditioner}
         ).value
