@@ -330,7 +330,7 @@ def section_l96(args):
     methods = [
         ("background", background_method(net)),
         ("4D-Var, converged (L-BFGS)", var_method(var)),
-        (f"4D-Var, {K} L-BFGS iterations", var_method(truncated)),
+        (f"4D-Var, {K} optimistix L-BFGS steps", var_method(truncated)),
         (f"unrolled, {K} layers, untrained", net.analysis),
         (f"unrolled, {K} layers, supervised", supervised.analysis),
         (f"unrolled, {K} layers, masking (no truth)", masked.analysis),
@@ -397,7 +397,7 @@ def section_bundled(args):
     methods = [
         ("background (observation mean)", background_method(net)),
         ("4D-Var, converged (L-BFGS), prior kappa", var_method(var)),
-        (f"4D-Var, {K} L-BFGS iterations, prior kappa", var_method(truncated)),
+        (f"4D-Var, {K} optimistix L-BFGS steps, prior kappa", var_method(truncated)),
         ("4D-Var, converged, true kappa (oracle)", var_method(oracle)),
         (f"unrolled, {K} layers, supervised", supervised.analysis),
         (f"unrolled, {K} layers, masking (no truth)", masked.analysis),
