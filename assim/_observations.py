@@ -160,9 +160,11 @@ class ObservationSet(eqx.Module):
 
     @classmethod
     def from_dataset(
-        cls, ds: xr.Dataset, time=slice(None), *, name="window"
+        cls, ds: xr.Dataset, time=slice(None), *, name="window", origin=None
     ) -> "ObservationSet":
         """Read the window `ds.isel(time=time)` (only that slice is read from disk).
+        Decoded (datetime) times become seconds since `origin` (default: the first
+        time of `ds`).
 
         **Raises:** `ObservationError` when the window has no observation, or when
         `obs_error_std` is non-positive or non-finite where a sensor reported.
@@ -185,7 +187,8 @@ class ObservationSet(eqx.Module):
         time_values = window["time"].values
         if np.issubdtype(time_values.dtype, np.datetime64):
             # Decoded CF times: seconds since the first time of the file.
-            time_values = (time_values - ds["time"].values[0]) / np.timedelta64(1, "s")
+            origin = ds["time"].values[0] if origin is None else origin
+            time_values = (time_values - origin) / np.timedelta64(1, "s")
         return cls(
             values=jnp.asarray(np.where(mask, obs, 0.0)),
             mask=jnp.asarray(mask),

@@ -99,6 +99,7 @@ def open_archive(
     """
     files = archive_files(paths)
     first = previous_end = None
+    counts = []
     for path in files:
         with open_observations(path, grid=grid) as ds:
             signature = _signature(ds)
@@ -118,6 +119,7 @@ def open_archive(
                         f"(starts at {times[0]}, previous ends at {previous_end})"
                     )
             previous_end = times[-1]
+            counts.append(times.size)
     combined = xr.open_mfdataset(
         [str(p) for p in files],
         engine="netcdf4",
@@ -130,7 +132,36 @@ def open_archive(
         parallel=False,
     )
     validate_dataset(combined, grid=grid, name=f"archive of {len(files)} files")
+    # For `WindowStream`: a window is read from its file(s) directly, since computing
+    # a slice of the combined dask array costs time in proportion to the archive
+    # (dask orders the whole graph), not to the window.
+    combined.encoding["archive_files"] = [str(p) for p in files]
+    combined.encoding["archive_counts"] = counts
     return combined
+
+
+class _ArchiveFiles:
+    """The files of an archive, opened lazily without dask: a time slice is read
+    from the one or two files that hold it."""
+
+    def __init__(self, files: list[str], counts: list[int]):
+        self.datasets = [xr.open_dataset(f, engine="netcdf4") for f in files]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+
+    def slice(self, start: int, stop: int) -> xr.Dataset:
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        pieces = []
+        k = first
+        while k < len(self.datasets) and self.offsets[k] < stop:
+            lo = max(start, self.offsets[k]) - self.offsets[k]
+            hi = min(stop, self.offsets[k + 1]) - self.offsets[k]
+            pieces.append(self.datasets[k].isel(time=slice(int(lo), int(hi))).load())
+            k += 1
+        if len(pieces) == 1:
+            return pieces[0]
+        return xr.concat(
+            pieces, "time", data_vars="minimal", coords="minimal", compat="override"
+        )
 
 
 _END = object()
@@ -239,6 +270,12 @@ class WindowStream:
         self.prefetch = int(prefetch)
         self.dtype = jnp.zeros(()).dtype if dtype is None else dtype
         self.grid_shape = tuple(grid_shape or ds["obs"].shape[1:])
+        self.files = None
+        if "archive_files" in ds.encoding:  # from open_archive
+            self.files = _ArchiveFiles(
+                ds.encoding["archive_files"], ds.encoding["archive_counts"]
+            )
+        self.origin = ds["time"].values[0]
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -250,11 +287,12 @@ class WindowStream:
     def __getitem__(self, k: int) -> ObservationSet:
         """Window `k`, read from disk now."""
         start = self.starts[k]
-        obs = ObservationSet.from_dataset(
-            self.ds,
-            slice(start, start + self.length),
-            name=f"window at time index {start}",
-        )
+        name = f"window at time index {start}"
+        if self.files is None:
+            window = self.ds.isel(time=slice(start, start + self.length))
+        else:
+            window = self.files.slice(start, start + self.length)
+        obs = ObservationSet.from_dataset(window, name=name, origin=self.origin)
         return jax.tree.map(self._cast, obs)
 
     def _cast(self, a):

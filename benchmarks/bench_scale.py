@@ -539,7 +539,7 @@ def main():
     parser.add_argument("--ns-grid", type=int, default=256)
     parser.add_argument("--ns-steps", type=int, nargs="+", default=[20, 50, 100, 200])
     parser.add_argument("--ns-run-steps", type=int, default=100)
-    parser.add_argument("--ns-iterations", type=int, default=15)
+    parser.add_argument("--ns-iterations", type=int, default=100)
     parser.add_argument("--checkpoints", type=int, default=8)
     parser.add_argument(
         "--archive-gb", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0]

@@ -161,3 +161,24 @@ def l96_twin_windows(n_windows: int, n_times: int, interval: int, *, spinup: int
         )
     B = SpectralCovariance.from_samples(l96.model.grid, truth, 0.05)
     return l96, B, windows
+
+
+def tiny_l96_net(l96, B, n_times: int, interval: int):
+    """A 2-layer unrolled network (momentum, a small proximal CNN) for the Lorenz-96
+    twin windows: the shared network of the sharding and streaming checks."""
+    from assim import UnrolledVar
+
+    return UnrolledVar(
+        l96,
+        B,
+        2,
+        observation_interval=interval,
+        n_times=n_times,
+        step=0.1,
+        scale=3.6,
+        momentum=True,
+        prior="proximal",
+        width=4,
+        depth=2,
+        key=jax.random.PRNGKey(0),
+    )

@@ -20,11 +20,10 @@ jax.config.update("jax_enable_x64", True)
 
 import equinox as eqx  # noqa: E402
 import numpy as np  # noqa: E402
-from helpers import l96_twin_windows  # noqa: E402
+from helpers import l96_twin_windows, tiny_l96_net  # noqa: E402
 
 from assim import (  # noqa: E402
     TrainSettings,
-    UnrolledVar,
     Var4D,
     assimilate_var_windows,
     assimilate_windows,
@@ -61,20 +60,7 @@ def main():
         address, n, pid = args.distributed
         initialize_distributed(address, int(n), int(pid))
     l96, B, data = twin_windows(7)
-    net = UnrolledVar(
-        l96,
-        B,
-        2,
-        observation_interval=INTERVAL,
-        n_times=T,
-        step=0.1,
-        scale=3.6,
-        momentum=True,
-        prior="proximal",
-        width=4,
-        depth=2,
-        key=jax.random.PRNGKey(0),
-    )
+    net = tiny_l96_net(l96, B, T, INTERVAL)
     settings = TrainSettings(
         steps=2,
         batch_size=4,

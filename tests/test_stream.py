@@ -6,16 +6,14 @@ import threading
 import time
 
 import equinox as eqx
-import jax
 import numpy as np
 import pytest
 import xarray as xr
-from helpers import l96_twin_windows, tree_allclose
+from helpers import l96_twin_windows, tiny_l96_net, tree_allclose
 
 from assim import (
     ObservationError,
     TrainSettings,
-    UnrolledVar,
     WindowStream,
     iter_windows,
     open_archive,
@@ -51,6 +49,10 @@ def test_archive_streams_the_same_windows_as_one_file(tmp_path):
     whole = list(iter_windows(open_observations(bundled_dataset()), length))
     assert len(stream) == len(whole) == 4
     for streamed, read in zip(stream, whole, strict=True):
+        assert tree_allclose(streamed, read, rtol=0, atol=0)
+    # Windows that straddle two files (files of 10 times, windows of 4).
+    short = list(iter_windows(open_observations(bundled_dataset()), 4))
+    for streamed, read in zip(WindowStream(archive, 4), short, strict=True):
         assert tree_allclose(streamed, read, rtol=0, atol=0)
     part = WindowStream(archive, length, windows=[3, 1])
     assert tree_allclose(part[0], whole[3], rtol=0, atol=0)
@@ -153,20 +155,7 @@ def test_streamed_training_equals_training_in_memory(tmp_path):
     l96, B, pattern = _l96_archive(tmp_path)
     stream = WindowStream(open_archive(pattern, chunk_times=T), T, prefetch=2)
     in_memory = windows_batch([stream[k] for k in range(len(stream))], (40,))
-    net = UnrolledVar(
-        l96,
-        B,
-        2,
-        observation_interval=INTERVAL,
-        n_times=T,
-        step=0.1,
-        scale=3.6,
-        momentum=True,
-        prior="proximal",
-        width=4,
-        depth=2,
-        key=jax.random.PRNGKey(0),
-    )
+    net = tiny_l96_net(l96, B, T, INTERVAL)
     settings = TrainSettings(
         steps=3, batch_size=2, validate_every=0, checkpoint_every=0
     )
