@@ -113,12 +113,6 @@ def assimilate_var_windows(
     (`solve_window`), vmapped and split over the devices of `mesh` (default every
     device), padded where the windows do not divide across them. `info.cost` and
     `info.grad_norm` hold the values at the background and at the analysis."""
-    from ._losses import Batch
-    from ._parallel import map_windows
-
-    if not windows:
-        raise ValueError("assimilate_var_windows: no observation window to assimilate")
-    batch = Batch.stack(windows, [template.background] * len(windows))
 
     def analyse(cost, window):
         cost = eqx.tree_at(lambda c: c.background, cost, window.background)
@@ -130,12 +124,12 @@ def assimilate_var_windows(
         analysis = cost.trajectory(control, obs.n_times)
         return first, analysis, control.theta, steps, converged, costs, gnorms
 
-    outputs = map_windows(analyse, template, batch, mesh=mesh)
+    outputs = _independent(
+        analyse, template, windows, template.background, mesh, "assimilate_var_windows"
+    )
     results = []
-    for i, obs in enumerate(windows):
-        first, analysis, theta, steps, converged, costs, gnorms = jax.tree.map(
-            lambda a, i=i: a[i], outputs
-        )
+    for obs, out in zip(windows, outputs, strict=True):
+        first, analysis, theta, steps, converged, costs, gnorms = out
         info = SolveInfo(
             cost=np.asarray(costs),
             grad_norm=np.asarray(gnorms),
@@ -239,19 +233,32 @@ def assimilate_windows(
     `background` (no cycling), all at once: vmapped and split over the devices of
     `mesh` (`assim.batch_mesh`; default every device), padded where the windows do
     not divide across them. Results as `cycle_unrolled`'s."""
+    outputs = _independent(
+        lambda net, w: _analyse_window(net, w.obs, w.background),
+        net,
+        windows,
+        background,
+        mesh,
+        "assimilate_windows",
+    )
+    return [
+        _network_result(net, obs, *out)
+        for obs, out in zip(windows, outputs, strict=True)
+    ]
+
+
+def _independent(fn, model, windows: list[ObservationSet], background, mesh, what):
+    """`fn(model, window)` for independent windows that all start from
+    `background`: vmapped and split over the mesh (`map_windows`); one output
+    per window. `what` names the caller in the error for no window."""
     from ._losses import Batch
     from ._parallel import map_windows
 
     if not windows:
-        raise ValueError("assimilate_windows: no observation window to assimilate")
+        raise ValueError(f"{what}: no observation window to assimilate")
     batch = Batch.stack(windows, [background] * len(windows))
-    outputs = map_windows(
-        lambda net, w: _analyse_window(net, w.obs, w.background), net, batch, mesh=mesh
-    )
-    return [
-        _network_result(net, obs, *jax.tree.map(lambda a, i=i: a[i], outputs))
-        for i, obs in enumerate(windows)
-    ]
+    outputs = map_windows(fn, model, batch, mesh=mesh)
+    return [jax.tree.map(lambda a, i=i: a[i], outputs) for i in range(len(windows))]
 
 
 def analysis_dataset(

@@ -25,20 +25,12 @@ from .network import build_network, network_header, training_settings
 def split_windows(ds, length: int, dtype):
     """The file's windows grouped by its `split` variable (0 train, 1 validation,
     2 test; without one: the first 80% train, the next 10% validation)."""
-    from assim import iter_windows
+    from assim import WindowStream
 
-    windows = list(iter_windows(ds, length))
-    labels = window_labels(ds, length)
+    stream = WindowStream(ds, length, prefetch=0, dtype=dtype)
     groups = {0: [], 1: [], 2: []}
-    for label, obs in zip(labels, windows, strict=True):
-        groups[label].append(
-            jax.tree.map(
-                lambda a: (
-                    a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
-                ),
-                obs,
-            )
-        )
+    for label, k in zip(window_labels(ds, length), range(len(stream)), strict=True):
+        groups[label].append(stream[k])
     return groups
 
 
