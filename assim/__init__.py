@@ -17,12 +17,15 @@ from ._covariance import AbstractCovariance as AbstractCovariance
 from ._covariance import DiagonalCovariance as DiagonalCovariance
 from ._covariance import DiffusionCovariance as DiffusionCovariance
 from ._covariance import SpectralCovariance as SpectralCovariance
+from ._cycle import AnalysisWriter as AnalysisWriter
 from ._cycle import WindowResult as WindowResult
 from ._cycle import analysis_dataset as analysis_dataset
 from ._cycle import assimilate_var_windows as assimilate_var_windows
 from ._cycle import assimilate_windows as assimilate_windows
 from ._cycle import cycle as cycle
 from ._cycle import cycle_unrolled as cycle_unrolled
+from ._cycle import iter_cycle as iter_cycle
+from ._cycle import iter_cycle_unrolled as iter_cycle_unrolled
 from ._io import write_json as write_json
 from ._io import write_netcdf as write_netcdf
 from ._losses import Batch as Batch
@@ -35,8 +38,10 @@ from ._losses import residual_loss as residual_loss
 from ._losses import supervised_loss as supervised_loss
 from ._losses import window_loss as window_loss
 from ._metrics import effective_resolution as effective_resolution
+from ._metrics import error_spectra as error_spectra
 from ._metrics import innovation_statistics as innovation_statistics
 from ._metrics import mu_score as mu_score
+from ._metrics import resolution_from_spectra as resolution_from_spectra
 from ._metrics import rmse as rmse
 from ._networks import ConvLSTMSolver as ConvLSTMSolver
 from ._networks import ConvNet as ConvNet

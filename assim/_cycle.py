@@ -2,7 +2,8 @@
 analysis as a CF NetCDF dataset."""
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 import optimistix as optx
 import xarray as xr
 
-from ._io import cf_coords
+from ._io import cf_coords, publish, temporary_path
 from ._metrics import innovation_statistics, rmse
 from ._observations import ObservationSet
 from ._var import Method, SolveInfo, Var4D, minimise, solve_window
@@ -38,7 +39,12 @@ class WindowResult:
     diagnostics: dict
 
 
-def cycle(
+def cycle(template: Var4D, windows: Iterable[ObservationSet], **options):
+    """`iter_cycle`'s results as a list (every window's states in memory)."""
+    return list(iter_cycle(template, windows, **options))
+
+
+def iter_cycle(
     template: Var4D,
     windows: Iterable[ObservationSet],
     *,
@@ -47,8 +53,10 @@ def cycle(
     cycle_parameters: bool = True,
     on_iteration: Callable[[int, int, float], None] | None = None,
     **solver_options,
-) -> list[WindowResult]:
-    """Assimilate consecutive windows, each background the previous forecast.
+) -> Iterator[WindowResult]:
+    """Assimilate consecutive windows, each background the previous forecast; yield
+    each window's result when it is done (windows are read as they are needed, so
+    a stream of them from disk is never all in memory).
 
     The first window uses `template.background` (and `template.parameter_background`);
     each later window's background is the analysis at the previous window's last
@@ -65,10 +73,10 @@ def cycle(
     - `method`, `max_steps`, `solver_options`: passed to `minimise`.
     - `on_iteration`: called as `on_iteration(window, iteration, cost)`.
 
-    **Returns:** one `WindowResult` per window.
+    **Yields:** one `WindowResult` per window.
     """
     cost = template
-    results = []
+    done = 0
     trajectory = eqx.filter_jit(lambda cost, c, n: cost.trajectory(c, n))
     advance = eqx.filter_jit(
         lambda sim, x: sim.rollout(x, template.observation_interval)[-1]
@@ -88,15 +96,15 @@ def cycle(
         n = obs.n_times
         background = trajectory(cost, cost.initial_control(obs), n)
         analysis = trajectory(cost, control, n)
-        results.append(_window_result(obs, background, analysis, control.theta, info))
+        yield _window_result(obs, background, analysis, control.theta, info)
+        done += 1
         _, simulator = cost.analysis(control)
         next_background = advance(simulator, analysis[-1])
         cost = eqx.tree_at(lambda c: c.background, cost, next_background)
         if cycle_parameters and control.theta is not None:
             cost = eqx.tree_at(lambda c: c.parameter_background, cost, control.theta)
-    if not results:
+    if not done:
         raise ValueError("cycle: no observation window to assimilate")
-    return results
 
 
 def assimilate_var_windows(
@@ -202,16 +210,22 @@ def _network_result(net, obs, first, analysis, steps, converged) -> WindowResult
     return _window_result(obs, first, analysis, net.theta, info)
 
 
-def cycle_unrolled(
+def cycle_unrolled(net, windows: Iterable[ObservationSet], background):
+    """`iter_cycle_unrolled`'s results as a list."""
+    return list(iter_cycle_unrolled(net, windows, background))
+
+
+def iter_cycle_unrolled(
     net, windows: Iterable[ObservationSet], background
-) -> list[WindowResult]:
+) -> Iterator[WindowResult]:
     """Apply a trained window network (`UnrolledVar` or `BilevelVar`) to consecutive
     windows, each background the previous analysis advanced one observation interval
-    (the first: `background`). `info.cost` holds the observation term
-    `|(H x - y) / sigma|^2 / 2` of the background and of the analysis; `steps` is
-    the number of layers, or the bilevel network's inner iterations (`converged`
-    then says whether its 4D-Var converged)."""
-    results = []
+    (the first: `background`); yield each window's result when it is done.
+    `info.cost` holds the observation term `|(H x - y) / sigma|^2 / 2` of the
+    background and of the analysis; `steps` is the number of layers, or the
+    bilevel network's inner iterations (`converged` then says whether its 4D-Var
+    converged)."""
+    done = 0
     simulator = net.model()
     analyse = eqx.filter_jit(_analyse_window)
     advance = eqx.filter_jit(
@@ -219,11 +233,11 @@ def cycle_unrolled(
     )
     for obs in windows:
         first, analysis, steps, converged = analyse(net, obs, background)
-        results.append(_network_result(net, obs, first, analysis, steps, converged))
+        yield _network_result(net, obs, first, analysis, steps, converged)
+        done += 1
         background = advance(simulator, analysis[-1])
-    if not results:
+    if not done:
         raise ValueError("cycle_unrolled: no observation window to assimilate")
-    return results
 
 
 def assimilate_windows(
@@ -261,6 +275,12 @@ def _independent(fn, model, windows: list[ObservationSet], background, mesh, wha
     return [jax.tree.map(lambda a, i=i: a[i], outputs) for i in range(len(windows))]
 
 
+_STATES = {
+    "analysis": {"long_name": "analysis state"},
+    "background": {"long_name": "background (forecast before assimilation)"},
+}
+
+
 def analysis_dataset(
     results: list[WindowResult],
     *,
@@ -269,7 +289,8 @@ def analysis_dataset(
     attrs: dict | None = None,
     time_units: str = "model time units",
 ) -> xr.Dataset:
-    """The analysis as a CF-1.8 dataset.
+    """The analysis as a CF-1.8 dataset (in memory; `AnalysisWriter` writes the
+    same layout to disk window by window).
 
     Variables: `analysis` and `background` `(time, [y,] x)`; one variable per
     estimated parameter; per-window diagnostics along `window` (start time, cost and
@@ -288,50 +309,48 @@ def analysis_dataset(
     names, coords = cf_coords(
         grid, np.concatenate([r.times for r in results]), time_units
     )
-    dims = ("time", *names)
-    coords["window"] = (
-        "window",
-        np.arange(len(results)),
-        {"long_name": "assimilation window index"},
-    )
     data = {
-        "analysis": (
-            dims,
-            np.concatenate([r.analysis for r in results]),
-            {"long_name": "analysis state"},
-        ),
-        "background": (
-            dims,
-            np.concatenate([r.background for r in results]),
-            {"long_name": "background (forecast before assimilation)"},
-        ),
+        key: (
+            ("time", *names),
+            np.concatenate([getattr(r, key) for r in results]),
+            var_attrs,
+        )
+        for key, var_attrs in _STATES.items()
+    }
+    data.update(_window_variables(results, time_units))
+    data.update(_parameter_variables(parameters, names))
+    coords["window"] = _window_coordinate(len(results))
+    return xr.Dataset(
+        data, coords=coords, attrs={"Conventions": "CF-1.8", **(attrs or {})}
+    )
+
+
+def _window_coordinate(n: int):
+    return ("window", np.arange(n), {"long_name": "assimilation window index"})
+
+
+def _window_variables(results: list[WindowResult], time_units: str) -> dict:
+    """`{name: (dims, values, attrs)}` of the per-window diagnostics and the
+    NaN-padded cost / gradient-norm histories (the states are not read)."""
+    data = {
         "window_start_time": (
             "window",
             np.array([r.times[0] for r in results]),
             {"units": time_units},
-        ),
-    }
-    for name, (values, var_attrs) in (parameters or {}).items():
-        values = np.asarray(values)
-        if "units" not in var_attrs:
-            raise ValueError(f"parameter {name!r} needs units")
-        data[name] = (
-            ((), values, var_attrs)
-            if values.ndim == 0
-            else (tuple(names), values, var_attrs)
         )
+    }
     per_window = {
-        "cost_initial": ([r.info.cost[0] for r in results], "1"),
-        "cost_final": ([r.info.cost[-1] for r in results], "1"),
-        "grad_norm_initial": ([r.info.grad_norm[0] for r in results], "1"),
-        "grad_norm_final": ([r.info.grad_norm[-1] for r in results], "1"),
-        "iterations": ([r.info.steps for r in results], "1"),
-        "converged": ([int(r.info.converged) for r in results], "1"),
+        "cost_initial": [r.info.cost[0] for r in results],
+        "cost_final": [r.info.cost[-1] for r in results],
+        "grad_norm_initial": [r.info.grad_norm[0] for r in results],
+        "grad_norm_final": [r.info.grad_norm[-1] for r in results],
+        "iterations": [r.info.steps for r in results],
+        "converged": [int(r.info.converged) for r in results],
     }
     for key in results[0].diagnostics:
-        per_window[key] = ([r.diagnostics[key] for r in results], "1")
-    for key, (values, units) in per_window.items():
-        data[key] = ("window", np.asarray(values), {"units": units})
+        per_window[key] = [r.diagnostics[key] for r in results]
+    for key, values in per_window.items():
+        data[key] = ("window", np.asarray(values), {"units": "1"})
     data["solver_result"] = (
         "window",
         np.array([r.info.result for r in results]),
@@ -348,6 +367,138 @@ def analysis_dataset(
             history,
             {"units": "1", "long_name": f"{key} per iteration"},
         )
-    return xr.Dataset(
-        data, coords=coords, attrs={"Conventions": "CF-1.8", **(attrs or {})}
-    )
+    return data
+
+
+def _parameter_variables(parameters: dict | None, names: tuple) -> dict:
+    data = {}
+    for name, (values, var_attrs) in (parameters or {}).items():
+        values = np.asarray(values)
+        if "units" not in var_attrs:
+            raise ValueError(f"parameter {name!r} needs units")
+        data[name] = (() if values.ndim == 0 else tuple(names), values, var_attrs)
+    return data
+
+
+class AnalysisWriter:
+    """The analysis written to NetCDF window by window, so that memory holds one
+    window's states, not the run's: `append` adds each `WindowResult`'s states
+    along the unlimited `time` dimension of a temporary file beside `path`;
+    `close` adds the per-window diagnostics and the parameters and renames the
+    file to `path`. The layout is `analysis_dataset`'s. On an error (or `abort`)
+    the temporary file is removed, so `path` is never half-written. In a
+    multi-host run only the first process writes.
+
+    ```python
+    with AnalysisWriter(path, grid=grid) as writer:
+        for result in iter_cycle(template, windows):
+            writer.append(result)
+        writer.close(parameters)
+    ```
+    """
+
+    def __init__(
+        self,
+        path,
+        *,
+        grid,
+        attrs: dict | None = None,
+        time_units: str = "model time units",
+    ):
+        self.path = Path(path)
+        self.grid = grid
+        self.attrs = {"Conventions": "CF-1.8", **(attrs or {})}
+        self.time_units = time_units
+        self.summaries: list[WindowResult] = []  # per-window, without the states
+        self.times = 0
+        self._nc = None
+        self._tmp = None
+        self._active = jax.process_index() == 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if kind is not None:
+            self.abort()
+
+    def _open(self, first: WindowResult):
+        import netCDF4
+
+        self._tmp = temporary_path(self.path)
+        nc = self._nc = netCDF4.Dataset(self._tmp, "w", format="NETCDF4")
+        names, coords = cf_coords(self.grid, np.zeros(0), self.time_units)
+        self._names = names
+        nc.createDimension("time", None)
+        for axis, name in enumerate(names):
+            nc.createDimension(name, self.grid.shape[axis])
+        for name, (dims, values, var_attrs) in coords.items():
+            _put(nc, name, (dims,), values, var_attrs)
+        for key, var_attrs in _STATES.items():
+            state = getattr(first, key)
+            var = nc.createVariable(
+                key, state.dtype, ("time", *names), chunksizes=(1, *state.shape[1:])
+            )
+            var.setncatts(var_attrs)
+
+    def append(self, result: WindowResult) -> None:
+        """Write `result`'s states; keep its (small) diagnostics for `close`."""
+        self.summaries.append(
+            dataclasses.replace(result, analysis=None, background=None)
+        )
+        if not self._active:
+            return
+        if self._nc is None:
+            self._open(result)
+        span = slice(self.times, self.times + len(result.times))
+        self._nc["time"][span] = np.asarray(result.times, np.float64)
+        for key in _STATES:
+            self._nc[key][span] = getattr(result, key)
+        self.times = span.stop
+
+    def close(self, parameters: dict | None = None) -> Path:
+        """Finish the file (`parameters` as in `analysis_dataset`) and rename it to
+        `path`."""
+        if not self.summaries:
+            raise ValueError(f"{self.path}: no window was written")
+        if not self._active:
+            return self.path
+        nc = self._nc
+        try:
+            data = _window_variables(self.summaries, self.time_units)
+            nc.createDimension("window", len(self.summaries))
+            nc.createDimension("iteration", data["cost_history"][1].shape[1])
+            dims, values, var_attrs = _window_coordinate(len(self.summaries))
+            _put(nc, "window", (dims,), values, var_attrs)
+            data.update(_parameter_variables(parameters, self._names))
+            for name, (dims, values, var_attrs) in data.items():
+                dims = (dims,) if isinstance(dims, str) else dims
+                _put(nc, name, dims, values, var_attrs)
+            nc.setncatts(self.attrs)
+            nc.close()
+            self._nc = None
+            publish(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the temporary file."""
+        if self._nc is not None:
+            self._nc.close()
+            self._nc = None
+        if self._tmp is not None:
+            Path(self._tmp).unlink(missing_ok=True)
+            self._tmp = None
+
+
+def _put(nc, name: str, dims: tuple, values, attrs: dict) -> None:
+    values = np.asarray(values)
+    if values.dtype.kind in "UO":  # variable-length strings
+        var = nc.createVariable(name, str, dims)
+        var[:] = values.astype(object)
+    else:
+        var = nc.createVariable(name, values.dtype, dims)
+        var[...] = values
+    var.setncatts(attrs)

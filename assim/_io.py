@@ -15,19 +15,32 @@ def _atomic(path: Path, write) -> Path:
     path = Path(path)
     if jax.process_index() != 0:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    tmp = temporary_path(path)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; outputs are shared
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def temporary_path(path: Path) -> str:
+    """A new empty file beside `path` (same folder, hidden name) to write into
+    before `publish` renames it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    return tmp
+
+
+def publish(tmp: str, path: Path) -> None:
+    """Rename the finished `tmp` to `path` (atomic), with the usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; outputs are shared
+    os.replace(tmp, path)
 
 
 def write_netcdf(dataset: xr.Dataset, path) -> Path:

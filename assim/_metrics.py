@@ -33,18 +33,36 @@ def effective_resolution(*, estimate, truth, spacing: float) -> float:
     averaged over the others) reaches half that of the truth, with linear
     interpolation between wavenumbers (those where the truth has no power are
     skipped). Returns `2 * spacing` (the Nyquist wavelength) when the error never
-    reaches half the truth's power.
+    reaches half the truth's power. Over data seen in parts (window by window):
+    add up `error_spectra` of the parts, then `resolution_from_spectra`.
     """
+    return resolution_from_spectra(
+        *error_spectra(estimate=estimate, truth=truth),
+        n=np.shape(truth)[-1],
+        spacing=spacing,
+    )
+
+
+def error_spectra(*, estimate, truth) -> tuple[np.ndarray, np.ndarray]:
+    """`(error power, truth power)` along the last axis, summed over the others:
+    additive over parts of the data."""
     estimate = np.asarray(estimate, dtype=np.float64)
     truth = np.asarray(truth, dtype=np.float64)
     if estimate.shape != truth.shape:
         raise ValueError(
             f"effective_resolution: shapes differ {estimate.shape} vs {truth.shape}"
         )
-    n = truth.shape[-1]
     axes = tuple(range(truth.ndim - 1))
-    psd_err = np.mean(np.abs(np.fft.rfft(estimate - truth, axis=-1)) ** 2, axis=axes)
-    psd_true = np.mean(np.abs(np.fft.rfft(truth, axis=-1)) ** 2, axis=axes)
+    return (
+        np.sum(np.abs(np.fft.rfft(estimate - truth, axis=-1)) ** 2, axis=axes),
+        np.sum(np.abs(np.fft.rfft(truth, axis=-1)) ** 2, axis=axes),
+    )
+
+
+def resolution_from_spectra(psd_err, psd_true, *, n: int, spacing: float) -> float:
+    """`effective_resolution` from (summed or averaged) `error_spectra` of data
+    with `n` points along `x`."""
+    psd_err, psd_true = np.asarray(psd_err), np.asarray(psd_true)
     k = np.fft.rfftfreq(n, d=spacing)[1:]  # cycles per length unit
     psd_err, psd_true = psd_err[1:], psd_true[1:]
     # Wavenumbers where the truth has no power carry no information: drop them.

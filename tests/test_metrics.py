@@ -58,3 +58,49 @@ def test_innovation_statistics_by_hand():
     assert stats["std"] == pytest.approx(np.std([1, 2, 1]))
     assert stats["chi2_normalised"] == pytest.approx(1.0)
     assert stats["count"] == 3
+
+
+def test_run_scores_accumulated_by_window_equal_whole_run_scores():
+    """`assim-run` scores window by window (no run-long arrays): the same numbers
+    as the scores of the whole run at once."""
+    from types import SimpleNamespace
+
+    import simulators as sim
+    from assim._cli.run import _Scores
+
+    rng = np.random.default_rng(0)
+    grid = sim.Grid((6, 10), (1.0, 2.0))
+    truth = np.cumsum(rng.normal(size=(8, 6, 10)), axis=-1)  # red: power falls
+    analysis = truth + 0.7 * rng.normal(size=truth.shape)  # white: crosses half
+    background = truth + rng.normal(size=truth.shape)
+    values = truth + 0.1 * rng.normal(size=truth.shape)
+    mask = rng.random(truth.shape) < 0.4
+    heldout = rng.random((6, 10)) < 0.2
+    scores = _Scores(heldout, grid)
+    for k in range(0, 8, 4):  # two windows of 4 times
+        part = slice(k, k + 4)
+        result = SimpleNamespace(
+            analysis=analysis[part], background=background[part], times=np.arange(4)
+        )
+        whole = SimpleNamespace(values=values[part], mask=mask[part], truth=truth[part])
+        scores.add(result, whole, k)
+    found = scores.metrics()
+    held = mask & heldout
+    used = mask & ~held
+    expected = {
+        "rmse_obs_assimilated": rmse(estimate=analysis, reference=values, mask=used),
+        "rmse_obs_heldout": rmse(estimate=analysis, reference=values, mask=held),
+        "rmse_background_obs_heldout": rmse(
+            estimate=background, reference=values, mask=held
+        ),
+        "rmse_truth": rmse(estimate=analysis, reference=truth),
+        "rmse_background": rmse(estimate=background, reference=truth),
+        "mu_score": mu_score(estimate=analysis, truth=truth),
+        "effective_resolution": effective_resolution(
+            estimate=analysis, truth=truth, spacing=grid.spacing[-1]
+        ),
+    }
+    assert 2 * grid.spacing[-1] < expected["effective_resolution"] < 2.0
+    for key, value in expected.items():
+        np.testing.assert_allclose(found[key], value, rtol=1e-12, err_msg=key)
+    assert scores.time_index == list(range(8))

@@ -3,9 +3,17 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import xarray as xr
 
 import simulators as sim
-from assim import DiffusionCovariance, ObservationSet, Var4D, cycle
+from assim import (
+    AnalysisWriter,
+    DiffusionCovariance,
+    ObservationSet,
+    Var4D,
+    analysis_dataset,
+    cycle,
+)
 from assim._twin import MissingTerm, run_twin, sensor_mask
 
 
@@ -72,7 +80,7 @@ def test_missing_term():
         MissingTerm("quadratic", 1.0)
 
 
-def test_cycle_background_is_previous_forecast():
+def test_cycle_background_is_previous_forecast(tmp_path):
     grid = sim.Grid((16,), (1.0,))
     model = sim.Simulator(
         sim.AdvectionDiffusion(grid, 0.01, [0.3]), sim.crank_nicolson(), 0.02
@@ -96,3 +104,23 @@ def test_cycle_background_is_previous_forecast():
     # Perfect observations everywhere: the second window starts close and ends closer.
     assert results[1].diagnostics["innovation_std"] < 0.1
     assert np.abs(results[1].analysis - np.asarray(states[3:6])).max() < 0.05
+    # Written window by window: the same file as the dataset built in memory.
+    kappa = (np.full(16, 0.01), {"units": "length2 time-1", "long_name": "kappa"})
+    with AnalysisWriter(tmp_path / "a.nc", grid=grid, attrs={"k": "v"}) as writer:
+        for result in results:
+            writer.append(result)
+            assert writer.summaries[-1].analysis is None  # states not kept
+        writer.close({"kappa": kappa})
+    expected = analysis_dataset(
+        results, grid=grid, parameters={"kappa": kappa}, attrs={"k": "v"}
+    )
+    with xr.open_dataset(tmp_path / "a.nc") as written:
+        xr.testing.assert_identical(written.load(), expected)
+    # An error mid-run leaves neither the file nor its temporary.
+    with (
+        pytest.raises(RuntimeError, match="solver died"),
+        AnalysisWriter(tmp_path / "b.nc", grid=grid) as writer,
+    ):
+        writer.append(results[0])
+        raise RuntimeError("solver died")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nc"]

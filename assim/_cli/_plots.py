@@ -17,49 +17,51 @@ def plot_run(
     *,
     grid,
     times,
-    analysis,
-    background,
-    truth,
-    observations,
+    snapshots,
+    series,
     estimated,
     true_parameter,
     parameter_name,
 ):
-    """`fields.png` (truth / observations / analysis / error at three times),
-    `parameter.png` (estimated vs true coefficient), `rmse.png` (RMSE over time)."""
+    """`fields.png` (truth / observations / analysis / error at a few times),
+    `parameter.png` (estimated vs true coefficient), `rmse.png` (RMSE over time).
+
+    `snapshots`: `analysis`, `observations` (NaN where none) and, in a twin
+    experiment, `truth` at `times`; `series`: `time` and the RMSE per time of the
+    `analysis` and (against the truth) of the `background`."""
     from assim._io import savefig
 
     plt = _pyplot()
-    reference = truth if truth is not None else None
-    picks = sorted({0, len(times) // 2, len(times) - 1})
-    columns = [("observations", observations), ("analysis", analysis)]
+    analysis = snapshots["analysis"]
+    reference = snapshots.get("truth")
+    columns = [("observations", snapshots["observations"]), ("analysis", analysis)]
     if reference is not None:
         columns = [("truth", reference), *columns, ("error", analysis - reference)]
     fig, axes = plt.subplots(
-        len(picks),
+        len(times),
         len(columns),
-        figsize=(3.2 * len(columns), 2.8 * len(picks)),
+        figsize=(3.2 * len(columns), 2.8 * len(times)),
         squeeze=False,
     )
     vmax = float(np.nanmax(np.abs(analysis)))
-    for row, i in enumerate(picks):
+    for row, t in enumerate(times):
         for col, (name, field) in enumerate(columns):
             ax = axes[row, col]
             if grid.ndim == 2:
                 scale = (
                     vmax
                     if name != "error"
-                    else max(float(np.max(np.abs(field[i]))), 1e-12)
+                    else max(float(np.max(np.abs(field[row]))), 1e-12)
                 )
                 im = ax.imshow(
-                    field[i], origin="lower", cmap="RdBu_r", vmin=-scale, vmax=scale
+                    field[row], origin="lower", cmap="RdBu_r", vmin=-scale, vmax=scale
                 )
                 fig.colorbar(im, ax=ax, shrink=0.8)
             else:
                 x = np.asarray(grid.coordinates(0))
                 style = "." if name == "observations" else "-"
-                ax.plot(x, field[i], style)
-            ax.set_title(f"{name}, t={times[i]:.3g}", fontsize=9)
+                ax.plot(x, field[row], style)
+            ax.set_title(f"{name}, t={t:.3g}", fontsize=9)
     fig.tight_layout()
     savefig(fig, out / "fields.png")
     plt.close(fig)
@@ -87,22 +89,11 @@ def plot_run(
         plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    axes_ = tuple(range(1, analysis.ndim))
-    if reference is not None:
-        ax.plot(
-            times,
-            np.sqrt(np.mean((analysis - reference) ** 2, axis=axes_)),
-            label="analysis",
-        )
-        ax.plot(
-            times,
-            np.sqrt(np.mean((background - reference) ** 2, axis=axes_)),
-            label="background",
-        )
+    ax.plot(series["time"], series["analysis"], label="analysis")
+    if series.get("background"):
+        ax.plot(series["time"], series["background"], label="background")
         ax.set_ylabel("RMSE vs truth")
     else:
-        err = np.where(np.isfinite(observations), analysis - observations, np.nan)
-        ax.plot(times, np.sqrt(np.nanmean(err**2, axis=axes_)), label="analysis")
         ax.set_ylabel("RMSE vs observations")
     ax.set_yscale("log")
     ax.set_xlabel("time")

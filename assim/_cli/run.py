@@ -6,7 +6,9 @@ incremental 4D-Var with joint estimation of the diffusivity field. Writes
 `assim-run method=var4d_weak`, `assim-run simulator=ks data=twin method=var4d`.
 """
 
+import itertools
 import time
+from collections import defaultdict, deque
 from importlib import resources
 from pathlib import Path
 
@@ -16,6 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+
+from assim import AnalysisWriter, error_spectra, resolution_from_spectra
+from assim._io import write_json
 
 from .common import build_simulator, generate_twin, log, run_app
 
@@ -64,36 +69,33 @@ def open_data(cfg, grid, out):
 
 
 def _windows(ds, length, heldout, max_windows, dtype):
-    """Observation windows with the held-out points removed from the mask (read two
-    windows ahead on a host thread)."""
-    from assim import ObservationSet, iter_windows, prefetch
+    """`(count, windows, wholes)`: how many windows will be read; a generator of
+    them as assimilated (the held-out points removed from the mask, windows with
+    nothing left skipped), read from disk two ahead on a host thread; and a queue
+    that receives `(whole window, time index of its first time)` as each window is
+    handed out, for scoring its result."""
+    from assim import ObservationSet, WindowStream
 
-    for k, obs in enumerate(prefetch(iter_windows(ds, length), 2)):
-        if max_windows is not None and k >= max_windows:
-            return
-        mask = obs.mask & ~heldout
-        if not bool(mask.any()):
-            continue
-        cast = lambda a: None if a is None else jnp.asarray(a, dtype)  # noqa: E731
-        yield (
-            ObservationSet(
-                cast(obs.values),
-                mask,
-                cast(obs.error_std),
-                cast(obs.times),
-                cast(obs.truth),
-            ),
-            obs,
+    stream = WindowStream(ds, length, prefetch=2, dtype=dtype)
+    if max_windows is not None and max_windows < len(stream):
+        stream = WindowStream(
+            ds, length, windows=range(max_windows), prefetch=2, dtype=dtype
         )
+    wholes: deque = deque()
+
+    def windows():
+        for start, obs in zip(stream.starts, stream, strict=True):
+            mask = obs.mask & ~heldout
+            if bool(mask.any()):
+                wholes.append((obs, start))
+                yield ObservationSet(
+                    obs.values, mask, obs.error_std, obs.times, obs.truth
+                )
+
+    return len(stream), windows(), wholes
 
 
 def _assimilate(cfg: DictConfig) -> dict:
-    from assim import (
-        DiffusionCovariance,
-        Var4D,
-        cycle,
-    )
-
     out = Path(HydraConfig.get().runtime.output_dir)
     t_start = time.perf_counter()
     method = cfg.method
@@ -139,10 +141,33 @@ def _assimilate(cfg: DictConfig) -> dict:
             f"initial_background must be 'obs_mean' or 'zero', got "
             f"{method.initial_background!r}"
         )
-    context = (cfg, ds, path, out, t_start, grid, heldout)  # for _finish
+    count, windows, wholes = _windows(
+        ds, length, jnp.asarray(heldout), cfg.data.max_windows, dtype
+    )
+    first_window = next(windows, None)
+    if first_window is None:
+        raise ValueError("no observation window left to assimilate")
+    windows = itertools.chain([first_window], windows)
+    batch = int(method.get("batch_windows", 16))
+    bar = None
     if net is not None:
-        outcome = _unrolled_pairs(cfg, ds, net, length, heldout, dtype, level)
-        return _finish(*context, parameter, outcome)
+        from assim import assimilate_windows, iter_cycle_unrolled
+
+        background = jnp.full(grid.shape, level, dtype)
+        if method.get("cycle", True):
+            results = iter_cycle_unrolled(net, windows, background)
+        else:  # independent windows, `batch` at a time over every device
+            results = (
+                result
+                for chunk in _chunks(windows, batch)
+                for result in assimilate_windows(net, chunk, background)
+            )
+        return _finish(
+            cfg, ds, path, out, t_start, grid, heldout, parameter, results, wholes
+        )
+
+    from assim import DiffusionCovariance, Var4D, assimilate_var_windows, iter_cycle
+
     estimate = bool(method.estimate_parameters) and parameter is not None
     template = Var4D(
         simulator,
@@ -170,147 +195,159 @@ def _assimilate(cfg: DictConfig) -> dict:
         raise ValueError(
             f"constraint must be 'strong' or 'weak', got {method.constraint!r}"
         )
-    pairs = list(
-        _windows(ds, length, jnp.asarray(heldout), cfg.data.max_windows, dtype)
-    )
-    if not pairs:
-        raise ValueError("no observation window left to assimilate")
-    solver_options = {"rtol": float(method.rtol), "atol": float(method.atol)}
+    options = {
+        "method": method.solver,
+        "max_steps": int(method.max_steps),
+        "rtol": float(method.rtol),
+        "atol": float(method.atol),
+    }
     if method.solver == "gauss-newton":
-        solver_options["inner_steps"] = int(method.inner_steps)
-        solver_options["inner_rtol"] = float(method.inner_rtol)
-    bar = None
+        options["inner_steps"] = int(method.inner_steps)
+        options["inner_rtol"] = float(method.inner_rtol)
     if not method.get("cycle", True):
-        # Independent windows from the first background, all at once, split over
-        # every device (data parallel).
-        from assim import assimilate_var_windows
-
-        results = assimilate_var_windows(
-            template,
-            [p[0] for p in pairs],
-            method=method.solver,
-            max_steps=int(method.max_steps),
-            **solver_options,
+        # Independent windows from the first background, `batch` at a time, each
+        # batch split over every device (data parallel).
+        results = (
+            result
+            for chunk in _chunks(windows, batch)
+            for result in assimilate_var_windows(template, chunk, **options)
         )
     else:
         if cfg.progress:
             from tqdm import tqdm
 
-            bar = tqdm(
-                total=len(pairs) * int(method.max_steps), desc=method.name, unit="iter"
-            )
+            bar = tqdm(total=count * options["max_steps"], desc=method.name, unit="it")
 
         def on_iteration(window, iteration, cost):
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(window=window, cost=f"{cost:.4g}")
 
-        results = cycle(
+        results = iter_cycle(
             template,
-            (p[0] for p in pairs),
-            method=method.solver,
-            max_steps=int(method.max_steps),
+            windows,
             cycle_parameters=bool(method.cycle_parameters),
             on_iteration=on_iteration,
-            **solver_options,
+            **options,
         )
-    if bar is not None:
-        bar.close()
-    return _finish(*context, parameter if estimate else None, (results, pairs))
+    try:
+        return _finish(
+            cfg,
+            ds,
+            path,
+            out,
+            t_start,
+            grid,
+            heldout,
+            parameter if estimate else None,
+            results,
+            wholes,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
 
 
-def _unrolled_pairs(cfg, ds, net, length, heldout, dtype, level):
-    from assim import assimilate_windows, cycle_unrolled
-
-    pairs = list(
-        _windows(ds, length, jnp.asarray(heldout), cfg.data.max_windows, dtype)
-    )
-    if not pairs:
-        raise ValueError("no observation window left to assimilate")
-    background = jnp.full(net.simulator.model.grid.shape, level, dtype)
-    windows = [p[0] for p in pairs]
-    if cfg.method.get("cycle", True):
-        return cycle_unrolled(net, windows, background), pairs
-    # Independent windows, all at once, split over every device.
-    return assimilate_windows(net, windows, background), pairs
+def _chunks(items, size: int):
+    """Lists of `size` consecutive items (the last one shorter)."""
+    if size < 1:
+        raise ValueError(f"batch_windows must be at least 1, got {size}")
+    items = iter(items)
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
 
 
-def _finish(cfg, ds, path, out, t_start, grid, heldout, parameter, outcome):
-    from assim import analysis_dataset, effective_resolution, mu_score, rmse
-    from assim._io import write_json, write_netcdf
+class _Scores:
+    """The run's scores, accumulated window by window (sums of squares and
+    counts, error spectra, RMSE per time for the plot), so that no window's
+    states need to stay in memory."""
 
-    results, pairs = outcome
+    def __init__(self, heldout, grid):
+        self.heldout = np.asarray(heldout)
+        self.grid = grid
+        self.sums = defaultdict(float)
+        self.counts = defaultdict(int)
+        self.spectra = None
+        self.truth = True
+        self.time_index: list[int] = []  # of the input's time axis
+        self.series = defaultdict(list)  # RMSE per time
+
+    def _add(self, key, diff, where=None):
+        values = diff[where] if where is not None else diff.ravel()
+        self.sums[key] += float(np.sum(values**2))
+        self.counts[key] += values.size
+
+    def rmse(self, key):
+        if not self.counts[key]:
+            return None
+        return float(np.sqrt(self.sums[key] / self.counts[key]))
+
+    def add(self, result, whole, start: int):
+        analysis = np.asarray(result.analysis, np.float64)
+        background = np.asarray(result.background, np.float64)
+        values = np.asarray(whole.values, np.float64)
+        mask = np.asarray(whole.mask, bool)
+        held = mask & self.heldout
+        used = mask & ~held
+        self._add("obs_assimilated", analysis - values, used)
+        self._add("background_obs_assimilated", background - values, used)
+        self._add("obs_heldout", analysis - values, held)
+        self._add("background_obs_heldout", background - values, held)
+        self.time_index.extend(range(start, start + len(result.times)))
+        self.series["time"].extend(np.asarray(result.times).tolist())
+        per_time = tuple(range(1, analysis.ndim))
+        self.truth = self.truth and whole.truth is not None
+        if not self.truth:
+            error = np.where(mask, analysis - values, 0.0) ** 2
+            self.series["analysis"].extend(
+                np.sqrt(error.sum(per_time) / np.maximum(mask.sum(per_time), 1))
+            )
+            return
+        truth = np.asarray(whole.truth, np.float64)
+        self._add("truth", analysis - truth)
+        self._add("background_truth", background - truth)
+        self._add("truth_norm", truth)
+        for key, state in (("analysis", analysis), ("background", background)):
+            self.series[key].extend(np.sqrt(np.mean((state - truth) ** 2, per_time)))
+        if self.grid.ndim == 2:
+            spectra = error_spectra(estimate=analysis, truth=truth)
+            self.spectra = (
+                spectra
+                if self.spectra is None
+                else tuple(a + b for a, b in zip(self.spectra, spectra, strict=True))
+            )
+
+    def metrics(self) -> dict:
+        found = {
+            "rmse_obs_assimilated": self.rmse("obs_assimilated"),
+            "rmse_background_obs_assimilated": self.rmse("background_obs_assimilated"),
+            "rmse_obs_heldout": self.rmse("obs_heldout"),
+        }
+        if found["rmse_obs_heldout"] is not None:
+            found["rmse_background_obs_heldout"] = self.rmse("background_obs_heldout")
+        if not self.truth:
+            found["rmse_background"] = found["rmse_background_obs_assimilated"]
+            return found
+        found["rmse_truth"] = self.rmse("truth")
+        found["rmse_background"] = self.rmse("background_truth")
+        norm = self.rmse("truth_norm")
+        if norm == 0:
+            raise ValueError("mu_score: the truth is identically zero")
+        found["mu_score"] = 1.0 - found["rmse_truth"] / norm
+        if self.spectra is not None:
+            found["effective_resolution"] = resolution_from_spectra(
+                *self.spectra,
+                n=self.grid.shape[-1],
+                spacing=self.grid.spacing[-1],
+            )
+        return found
+
+
+def _finish(cfg, ds, path, out, t_start, grid, heldout, parameter, results, wholes):
+    """Write each window's result to `analysis.nc` as it comes and score it; then
+    `metrics.json` and the plots."""
     method = cfg.method
     estimate = parameter is not None
-    wall = time.perf_counter() - t_start
-
-    # Scores.
-    analysis = np.concatenate([r.analysis for r in results])
-    background = np.concatenate([r.background for r in results])
-    full = [p[1] for p in pairs][: len(results)]
-    values = np.concatenate([np.asarray(o.values) for o in full])
-    mask = np.concatenate([np.asarray(o.mask) for o in full])
-    held = mask & np.broadcast_to(heldout, mask.shape)
-    used = mask & ~held
-    metrics = {
-        "method": OmegaConf.to_container(method),
-        "simulator": str(cfg.simulator.name),
-        "data": str(path),
-        "windows": len(results),
-        "windows_converged": int(sum(r.info.converged for r in results)),
-        "wall_time_s": wall,
-        "wall_time_per_window_s": wall / len(results),
-        "rmse_obs_assimilated": rmse(estimate=analysis, reference=values, mask=used),
-        "rmse_background_obs_assimilated": rmse(
-            estimate=background, reference=values, mask=used
-        ),
-    }
-    if held.any():
-        metrics["rmse_obs_heldout"] = rmse(
-            estimate=analysis, reference=values, mask=held
-        )
-        metrics["rmse_background_obs_heldout"] = rmse(
-            estimate=background, reference=values, mask=held
-        )
-    else:
-        metrics["rmse_obs_heldout"] = None
-    truth = None
-    if full[0].truth is not None:
-        truth = np.concatenate([np.asarray(o.truth) for o in full])
-        metrics["rmse_truth"] = rmse(estimate=analysis, reference=truth)
-        metrics["rmse_background"] = rmse(estimate=background, reference=truth)
-        metrics["mu_score"] = mu_score(estimate=analysis, truth=truth)
-        if grid.ndim == 2:
-            metrics["effective_resolution"] = effective_resolution(
-                estimate=analysis, truth=truth, spacing=grid.spacing[-1]
-            )
-    else:
-        metrics["rmse_background"] = metrics["rmse_background_obs_assimilated"]
-    parameters, estimated = {}, None
-    if estimate:
-        spec = cfg.simulator.parameter
-        estimated = np.asarray(parameter.value(jnp.asarray(results[-1].theta)))
-        parameters[spec.name] = (
-            estimated,
-            {"units": spec.units, "long_name": f"estimated {spec.long_name}"},
-        )
-        entry = {
-            "name": spec.name,
-            "units": spec.units,
-            "mean": float(estimated.mean()),
-            "min": float(estimated.min()),
-            "max": float(estimated.max()),
-            "background": float(spec.background),
-        }
-        true_name = f"true_{spec.name}"
-        if true_name in ds.variables:
-            true = np.asarray(ds[true_name].values)
-            norm = np.linalg.norm(true)
-            entry["relative_l2_error"] = float(np.linalg.norm(estimated - true) / norm)
-            entry["background_relative_l2_error"] = float(
-                np.linalg.norm(spec.background - true) / norm
-            )
-        metrics["parameters"] = {spec.name: entry}
     attrs = {
         "title": f"assim-run analysis: {method.name} on {cfg.simulator.name}",
         "method": str(method.name),
@@ -320,35 +357,99 @@ def _finish(cfg, ds, path, out, t_start, grid, heldout, parameter, outcome):
         "observations": str(path),
         "history": "created by assim-run",
     }
-    dataset = analysis_dataset(
-        results,
+    scores = _Scores(heldout, grid)
+    writer = AnalysisWriter(
+        out / "analysis.nc",
         grid=grid,
-        parameters=parameters,
         attrs=attrs,
         time_units=ds["time"].attrs.get("units", "model time units"),
     )
-    write_netcdf(dataset, out / "analysis.nc")
+    with writer:
+        last = None
+        for last in results:
+            whole, start = wholes.popleft()
+            scores.add(last, whole, start)
+            writer.append(last)
+        wall = time.perf_counter() - t_start
+        summaries = writer.summaries
+        metrics = {
+            "method": OmegaConf.to_container(method),
+            "simulator": str(cfg.simulator.name),
+            "data": str(path),
+            "windows": len(summaries),
+            "windows_converged": int(sum(r.info.converged for r in summaries)),
+            "wall_time_s": wall,
+            "wall_time_per_window_s": wall / len(summaries),
+            **scores.metrics(),
+        }
+        parameters, estimated = {}, None
+        if estimate:
+            spec = cfg.simulator.parameter
+            estimated = np.asarray(parameter.value(jnp.asarray(last.theta)))
+            parameters[spec.name] = (
+                estimated,
+                {"units": spec.units, "long_name": f"estimated {spec.long_name}"},
+            )
+            metrics["parameters"] = {spec.name: _parameter_entry(ds, spec, estimated)}
+        writer.close(parameters)
     write_json(metrics, out / "metrics.json")
     if cfg.plot:
-        from ._plots import plot_run
-
-        true_param = None
-        if estimate and f"true_{cfg.simulator.parameter.name}" in ds.variables:
-            true_param = np.asarray(ds[f"true_{cfg.simulator.parameter.name}"].values)
-        plot_run(
-            out,
-            grid=grid,
-            times=np.concatenate([r.times for r in results]),
-            analysis=analysis,
-            background=background,
-            truth=truth,
-            observations=np.where(mask, values, np.nan),
-            estimated=estimated,
-            true_parameter=true_param,
-            parameter_name=cfg.simulator.parameter.name if estimate else None,
-        )
+        _plot(cfg, ds, out, grid, scores, estimated)
     log.info("wrote %s", out)
     return metrics
+
+
+def _parameter_entry(ds, spec, estimated) -> dict:
+    """The estimated parameter's summary, with its error when the file holds the
+    true one (`true_<name>`)."""
+    entry = {
+        "name": spec.name,
+        "units": spec.units,
+        "mean": float(estimated.mean()),
+        "min": float(estimated.min()),
+        "max": float(estimated.max()),
+        "background": float(spec.background),
+    }
+    true_name = f"true_{spec.name}"
+    if true_name in ds.variables:
+        true = np.asarray(ds[true_name].values)
+        norm = np.linalg.norm(true)
+        entry["relative_l2_error"] = float(np.linalg.norm(estimated - true) / norm)
+        entry["background_relative_l2_error"] = float(
+            np.linalg.norm(spec.background - true) / norm
+        )
+    return entry
+
+
+def _plot(cfg, ds, out, grid, scores, estimated):
+    """The plots, from the written analysis (three times read back) and the
+    accumulated RMSE per time."""
+    import xarray as xr
+
+    from ._plots import plot_run
+
+    name = cfg.simulator.parameter.name if estimated is not None else None
+    true_param = None
+    if name is not None and f"true_{name}" in ds.variables:
+        true_param = np.asarray(ds[f"true_{name}"].values)
+    n = len(scores.time_index)
+    picks = sorted({0, n // 2, n - 1})
+    index = [scores.time_index[i] for i in picks]
+    with xr.open_dataset(out / "analysis.nc") as written:
+        snapshots = {"analysis": written["analysis"].isel(time=picks).values}
+    snapshots["observations"] = ds["obs"].isel(time=index).values
+    if scores.truth:
+        snapshots["truth"] = ds["truth"].isel(time=index).values
+    plot_run(
+        out,
+        grid=grid,
+        times=np.asarray(scores.series["time"])[picks],
+        snapshots=snapshots,
+        series=scores.series,
+        estimated=estimated,
+        true_parameter=true_param,
+        parameter_name=name,
+    )
 
 
 @hydra.main(version_base=None, config_path="pkg://assim.configs", config_name="run")
