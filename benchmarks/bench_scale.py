@@ -20,7 +20,9 @@ Sections (`--only NAME`; float32 throughout, as production runs are):
   64 x 64, float32) written to disk, then, in a fresh process each, every window
   streamed through assimilation (`WindowStream`, read two windows ahead on a host
   thread) and 40 training steps drawn from the whole archive: the process's peak
-  resident memory against the archive's size.
+  resident memory against the archive's size; then `assim-run` over the whole
+  archive (a 1-layer network from one `assim-train` step, cycled; `analysis.nc`
+  written window by window) up to `--run-max-gb`, with its peak memory.
 
 `python benchmarks/bench_scale.py` (about 20 minutes on 2 CPU cores; the streaming
 section writes up to 7.5 GB under `--scratch`, removed afterwards).
@@ -471,9 +473,58 @@ def worker_streaming(args):
     }
 
 
+# The archive's model for the command-line run: 64 x 64 advection-diffusion with
+# a known (scalar) diffusivity, one 0.05 step between observation times.
+CLI_SIMULATOR = [
+    f"simulator.model.grid.shape=[{GRID},{GRID}]",
+    "simulator.dt=0.05",
+    "simulator.parameter=null",
+]
+# Runs a hydra app and reports its peak resident memory on stderr.
+PEAK_RSS = (
+    "import atexit, resource, runpy, sys; atexit.register(lambda: print("
+    "'PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+    "file=sys.stderr)); app = sys.argv[1]; sys.argv = [app, *sys.argv[2:]]; "
+    "runpy.run_module(app, run_name='__main__')"
+)
+
+
+def run_app(app: str, *overrides) -> float:
+    """`python -m assim._cli.<app> overrides...` in a fresh process; its peak
+    resident memory (MiB)."""
+    command = [sys.executable, "-c", PEAK_RSS, f"assim._cli.{app}", *overrides]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"assim-{app} failed:\n{result.stderr[-3000:]}")
+    peak = [ln for ln in result.stderr.splitlines() if ln.startswith("PEAK_RSS_KIB")]
+    return int(peak[-1].split()[1]) / 1024
+
+
+def cli_checkpoint(folder: Path, out: Path) -> Path:
+    """A 1-layer network from one `assim-train` step on the archive (streamed)."""
+    run_app(
+        "train",
+        f"hydra.run.dir={out}",
+        *CLI_SIMULATOR,
+        f"data.path={folder}",
+        "data.stream=true",
+        f"network.window_length={WINDOW}",
+        "network.n_layers=1",
+        "network.width=4",
+        "network.depth=2",
+        "network.learn_parameters=false",
+        "training.steps=1",
+        "training.batch_size=2",
+        "float64=false",
+        "progress=false",
+    )
+    return out / "checkpoint.eqx"
+
+
 def section_streaming(args):
     scratch = Path(args.scratch)
     rows = []
+    checkpoint = None
     try:
         for gigabytes in args.archive_gb:
             folder = scratch / f"archive_{gigabytes:g}gb"
@@ -487,6 +538,25 @@ def section_streaming(args):
             )
             env = {**os.environ, "JAX_PLATFORMS": "cpu"}
             found = run_worker("streaming", env, args, ["--archive", folder])
+            cli = "-"
+            if gigabytes <= args.run_max_gb:
+                # The whole archive through `assim-run` (cycled windows of the
+                # network, analysis.nc written window by window).
+                checkpoint = checkpoint or cli_checkpoint(folder, scratch / "train")
+                peak = run_app(
+                    "run",
+                    f"hydra.run.dir={scratch / 'run'}",
+                    "method=unrolled",
+                    f"method.checkpoint={checkpoint}",
+                    f"data.path={folder}",
+                    "plot=false",
+                    "progress=false",
+                )
+                metrics = json.loads((scratch / "run" / "metrics.json").read_text())
+                written = (scratch / "run" / "analysis.nc").stat().st_size / 2**30
+                cli = f"{peak:.0f} ({written:.2f} GiB written)"
+                assert metrics["windows"] == found["windows"], metrics
+                shutil.rmtree(scratch / "run")
             rows.append(
                 (
                     f"{size:.2f}",
@@ -495,6 +565,7 @@ def section_streaming(args):
                     f"{found['baseline_mib']:.0f}",
                     f"{found['assimilation_peak_mib']:.0f}",
                     f"{found['peak_mib']:.0f}",
+                    cli,
                 )
             )
             print("  ", rows[-1], flush=True)
@@ -512,6 +583,7 @@ def section_streaming(args):
             "RSS before streaming MiB",
             "peak RSS, all windows assimilated MiB",
             f"peak RSS, + {args.steps} training steps MiB",
+            "assim-run on the archive: peak RSS MiB",
         ],
         rows,
     )
@@ -543,6 +615,9 @@ def main():
     parser.add_argument("--checkpoints", type=int, default=8)
     parser.add_argument(
         "--archive-gb", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0]
+    )
+    parser.add_argument(
+        "--run-max-gb", type=float, default=2.0, help="assim-run up to this size"
     )
     parser.add_argument("--scratch", default=tempfile.gettempdir() + "/assim_scale")
     args = parser.parse_args()
