@@ -42,6 +42,10 @@ class TrainSettings:
     - `learning_rate`, `warmup_steps`, `clip_norm`: Adam with linear warm-up and
       cosine decay to `learning_rate * final_fraction`, gradients clipped by global
       norm.
+    - `parameter_learning_rate`: the same schedule's peak for the learned physical
+      parameters (`theta`; default `learning_rate`). Adam moves each coordinate by
+      about the learning rate per step, so a whitened parameter field that must
+      travel O(1) from its prior needs a larger rate than the network's weights.
     - `losses`: weights of the loss terms, e.g. `{"masking": 1.0}` (terms weighted
       0 are not computed).
     - `mask_fraction`, `mask_by`: the masking loss's hidden share and unit.
@@ -55,6 +59,7 @@ class TrainSettings:
     steps: int = 200
     batch_size: int = 8
     learning_rate: float = 3e-3
+    parameter_learning_rate: float | None = None
     warmup_steps: int = 10
     final_fraction: float = 0.1
     clip_norm: float = 1.0
@@ -69,6 +74,9 @@ class TrainSettings:
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be positive")
+        rates = (self.learning_rate, self.parameter_learning_rate or 1.0)
+        if not all(rate > 0 for rate in rates):
+            raise ValueError(f"learning rates must be positive, got {rates}")
         if self.evidence_probes < 0:
             raise ValueError(
                 f"evidence_probes must be >= 0, got {self.evidence_probes}"
@@ -83,16 +91,24 @@ class TrainSettings:
         object.__setattr__(self, "losses", tuple(sorted(losses.items())))
 
     def optimizer(self) -> optax.GradientTransformation:
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0,
-            self.learning_rate,
-            max(self.warmup_steps, 1),
-            max(self.steps, self.warmup_steps + 1),
-            self.learning_rate * self.final_fraction,
-        )
-        return optax.chain(
-            optax.clip_by_global_norm(self.clip_norm), optax.adam(schedule)
-        )
+        def adam(peak):
+            return optax.adam(
+                optax.warmup_cosine_decay_schedule(
+                    0.0,
+                    peak,
+                    max(self.warmup_steps, 1),
+                    max(self.steps, self.warmup_steps + 1),
+                    peak * self.final_fraction,
+                )
+            )
+
+        update = adam(self.learning_rate)
+        if self.parameter_learning_rate is not None:
+            update = optax.multi_transform(
+                {"network": update, "parameters": adam(self.parameter_learning_rate)},
+                _parameter_labels,
+            )
+        return optax.chain(optax.clip_by_global_norm(self.clip_norm), update)
 
     def loss_options(self) -> dict:
         return {
@@ -101,6 +117,16 @@ class TrainSettings:
             "by": self.mask_by,
             "probes": self.evidence_probes,
         }
+
+
+def _parameter_labels(params) -> PyTree[str]:
+    """ "parameters" on the network's `theta` leaves, "network" elsewhere."""
+    labels = jax.tree.map(lambda _: "network", params)
+    if getattr(params, "theta", None) is None:
+        return labels
+    return eqx.tree_at(
+        lambda p: p.theta, labels, jax.tree.map(lambda _: "parameters", params.theta)
+    )
 
 
 class TrainState(eqx.Module):

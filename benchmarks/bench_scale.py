@@ -480,10 +480,11 @@ CLI_SIMULATOR = [
     "simulator.dt=0.05",
     "simulator.parameter=null",
 ]
-# Runs a hydra app and reports its peak resident memory on stderr.
+# Runs a hydra app and reports its peak resident memory (VmHWM, see
+# `peak_rss_mib`) on stderr.
 PEAK_RSS = (
-    "import atexit, resource, runpy, sys; atexit.register(lambda: print("
-    "'PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+    "import atexit, runpy, sys; atexit.register(lambda: print('PEAK_RSS_KIB', "
+    "open('/proc/self/status').read().split('VmHWM:')[1].split()[0], "
     "file=sys.stderr)); app = sys.argv[1]; sys.argv = [app, *sys.argv[2:]]; "
     "runpy.run_module(app, run_name='__main__')"
 )

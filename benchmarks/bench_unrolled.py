@@ -175,7 +175,17 @@ def evaluate(method, data):
 CACHE: Path | None = None  # --cache DIR: trained networks kept between runs
 
 
-def fit(net, data, validation, *, steps, batch_size, losses, learning_rate=3e-3):
+def fit(
+    net,
+    data,
+    validation,
+    *,
+    steps,
+    batch_size,
+    losses,
+    learning_rate=3e-3,
+    parameter_learning_rate=None,
+):
     """Train with `assim.train` (checkpoints in a temporary directory). With
     `--cache DIR`, a network trained before with the same settings is loaded
     instead (its file is named by a hash of the settings and the network)."""
@@ -184,6 +194,8 @@ def fit(net, data, validation, *, steps, batch_size, losses, learning_rate=3e-3)
         import hashlib
 
         key = repr((steps, batch_size, sorted(losses.items()), learning_rate))
+        if parameter_learning_rate is not None:
+            key += repr(parameter_learning_rate)
         key += repr(
             jax.tree.map(
                 lambda a: np.asarray(a).sum(), eqx.filter(net, eqx.is_inexact_array)
@@ -197,6 +209,7 @@ def fit(net, data, validation, *, steps, batch_size, losses, learning_rate=3e-3)
         steps=steps,
         batch_size=batch_size,
         learning_rate=learning_rate,
+        parameter_learning_rate=parameter_learning_rate,
         losses=losses,
         validate_every=max(steps // 4, 1),
         checkpoint_every=0,
@@ -391,6 +404,7 @@ def section_bundled(args):
         steps=args.bundled_steps,
         batch_size=min(data.size, 4),
         learning_rate=args.bundled_learning_rate,
+        parameter_learning_rate=args.bundled_parameter_learning_rate,
     )
     supervised = fit(net, data, validation, losses={"supervised": 1.0}, **kw)
     masked = fit(net, data, validation, losses={"masking": 1.0}, **kw)
@@ -689,6 +703,7 @@ def main():
     parser.add_argument("--bundled-steps", type=int, default=60)
     parser.add_argument("--bundled-test-windows", type=int, default=0)
     parser.add_argument("--bundled-learning-rate", type=float, default=1e-2)
+    parser.add_argument("--bundled-parameter-learning-rate", type=float, default=0.1)
     parser.add_argument("--forcing-windows", type=int, default=512)
     parser.add_argument("--forcing-steps", type=int, default=400)
     parser.add_argument("--forcing-batch", type=int, default=16)

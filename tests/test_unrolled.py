@@ -365,3 +365,32 @@ def test_window_nets_refuse_newton_krylov_schemes(l96_windows, getkey):
         BilevelVar(implicit, B, observation_interval=INTERVAL)
     with pytest.raises(ValueError, match="go together"):
         BilevelVar(l96, B, theta=jnp.asarray(0.0))
+
+
+def test_parameter_learning_rate_moves_theta_at_its_own_rate(l96_windows, getkey):
+    """Adam moves a coordinate by about its learning rate per step (warm-up: the
+    first step's rate is 0): the learned forcing at `parameter_learning_rate`,
+    the network's weights at `learning_rate`."""
+    l96, B, windows = l96_windows
+    data = windows_batch(windows[:2], (40,))
+    net = make_net(l96, B, getkey(), theta=jnp.asarray(0.0), set_parameters=set_forcing)
+    settings = TrainSettings(
+        steps=2,
+        batch_size=2,
+        learning_rate=1e-4,
+        parameter_learning_rate=0.1,
+        warmup_steps=1,
+        validate_every=0,
+        checkpoint_every=0,
+        losses={"supervised": 1.0},
+    )
+    trained, _ = train(net, data, settings)
+    np.testing.assert_allclose(abs(float(trained.theta)), 0.1, rtol=0.05)
+    moved = jax.tree.map(
+        lambda a, b: float(jnp.max(jnp.abs(a - b))),
+        eqx.filter(eqx.tree_at(lambda m: m.theta, trained, None), eqx.is_inexact_array),
+        eqx.filter(eqx.tree_at(lambda m: m.theta, net, None), eqx.is_inexact_array),
+    )
+    assert 0 < max(jax.tree.leaves(moved)) <= 1.05e-4
+    with pytest.raises(ValueError, match="learning rates must be positive"):
+        TrainSettings(parameter_learning_rate=-1.0)
