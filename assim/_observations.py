@@ -198,6 +198,16 @@ class ObservationSet(eqx.Module):
         )
 
 
+def window_starts(ds: xr.Dataset, length: int, stride: int | None = None) -> list:
+    """The first time index of each window of `length` times."""
+    if length < 1:
+        raise ObservationError(f"window length must be at least 1, got {length}")
+    n = ds.sizes["time"]
+    if length > n:
+        raise ObservationError(f"window length {length} exceeds the {n} times")
+    return list(range(0, n - length + 1, length if stride is None else stride))
+
+
 def iter_windows(ds: xr.Dataset, length: int, *, stride: int | None = None):
     """Yield `ObservationSet`s of `length` consecutive times, read one at a time.
 
@@ -207,13 +217,7 @@ def iter_windows(ds: xr.Dataset, length: int, *, stride: int | None = None):
     - `length`: observation times per window.
     - `stride`: times between window starts (default `length`: no overlap).
     """
-    if length < 1:
-        raise ObservationError(f"window length must be at least 1, got {length}")
-    stride = length if stride is None else stride
-    n = ds.sizes["time"]
-    if length > n:
-        raise ObservationError(f"window length {length} exceeds the {n} times")
-    for start in range(0, n - length + 1, stride):
+    for start in window_starts(ds, length, stride):
         yield ObservationSet.from_dataset(
             ds, slice(start, start + length), name=f"window at time index {start}"
         )

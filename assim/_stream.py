@@ -21,6 +21,7 @@ from ._observations import (
     ObservationSet,
     open_observations,
     validate_dataset,
+    window_starts,
 )
 
 
@@ -213,16 +214,6 @@ def prefetch(items: Iterable, size: int = 2) -> Iterator:
     finally:
         stop.set()
         thread.join(timeout=5)
-
-
-def window_starts(ds: xr.Dataset, length: int, stride: int | None = None) -> list:
-    """The first time index of each window of `length` times."""
-    if length < 1:
-        raise ObservationError(f"window length must be at least 1, got {length}")
-    n = ds.sizes["time"]
-    if length > n:
-        raise ObservationError(f"window length {length} exceeds the {n} times")
-    return list(range(0, n - length + 1, length if stride is None else stride))
 
 
 class WindowStream:

@@ -75,12 +75,12 @@ def _windows(ds, length, heldout, max_windows, dtype):
     that receives `(whole window, time index of its first time)` as each window is
     handed out, for scoring its result."""
     from assim import ObservationSet, WindowStream
+    from assim._observations import window_starts
 
-    stream = WindowStream(ds, length, prefetch=2, dtype=dtype)
-    if max_windows is not None and max_windows < len(stream):
-        stream = WindowStream(
-            ds, length, windows=range(max_windows), prefetch=2, dtype=dtype
-        )
+    count = len(window_starts(ds, length))
+    if max_windows is not None:
+        count = min(count, max_windows)
+    stream = WindowStream(ds, length, windows=range(count), prefetch=2, dtype=dtype)
     wholes: deque = deque()
 
     def windows():
