@@ -703,7 +703,7 @@ def main():
     parser.add_argument("--bundled-steps", type=int, default=60)
     parser.add_argument("--bundled-test-windows", type=int, default=0)
     parser.add_argument("--bundled-learning-rate", type=float, default=1e-2)
-    parser.add_argument("--bundled-parameter-learning-rate", type=float, default=0.1)
+    parser.add_argument("--bundled-parameter-learning-rate", type=float, default=None)
     parser.add_argument("--forcing-windows", type=int, default=512)
     parser.add_argument("--forcing-steps", type=int, default=400)
     parser.add_argument("--forcing-batch", type=int, default=16)
