@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
 import xarray as xr
+from xarray.backends.netCDF4_ import NETCDF4_PYTHON_LOCK
 
 from ._io import cf_coords, publish, temporary_path
 from ._metrics import innovation_statistics, rmse
@@ -427,6 +428,8 @@ class AnalysisWriter:
 
         self._tmp = temporary_path(self.path)
         nc = self._nc = netCDF4.Dataset(self._tmp, "w", format="NETCDF4")
+        # netCDF-C / HDF5 are not thread-safe: every call here holds the lock that
+        # xarray's reads hold (e.g. windows read on the prefetch thread).
         names, coords = cf_coords(self.grid, np.zeros(0), self.time_units)
         self._names = names
         nc.createDimension("time", None)
@@ -448,12 +451,13 @@ class AnalysisWriter:
         )
         if not self._active:
             return
-        if self._nc is None:
-            self._open(result)
         span = slice(self.times, self.times + len(result.times))
-        self._nc["time"][span] = np.asarray(result.times, np.float64)
-        for key in _STATES:
-            self._nc[key][span] = getattr(result, key)
+        with NETCDF4_PYTHON_LOCK:
+            if self._nc is None:
+                self._open(result)
+            self._nc["time"][span] = np.asarray(result.times, np.float64)
+            for key in _STATES:
+                self._nc[key][span] = getattr(result, key)
         self.times = span.stop
 
     def close(self, parameters: dict | None = None) -> Path:
@@ -466,16 +470,17 @@ class AnalysisWriter:
         nc = self._nc
         try:
             data = _window_variables(self.summaries, self.time_units)
-            nc.createDimension("window", len(self.summaries))
-            nc.createDimension("iteration", data["cost_history"][1].shape[1])
-            dims, values, var_attrs = _window_coordinate(len(self.summaries))
-            _put(nc, "window", (dims,), values, var_attrs)
             data.update(_parameter_variables(parameters, self._names))
-            for name, (dims, values, var_attrs) in data.items():
-                dims = (dims,) if isinstance(dims, str) else dims
-                _put(nc, name, dims, values, var_attrs)
-            nc.setncatts(self.attrs)
-            nc.close()
+            with NETCDF4_PYTHON_LOCK:
+                nc.createDimension("window", len(self.summaries))
+                nc.createDimension("iteration", data["cost_history"][1].shape[1])
+                dims, values, var_attrs = _window_coordinate(len(self.summaries))
+                _put(nc, "window", (dims,), values, var_attrs)
+                for name, (dims, values, var_attrs) in data.items():
+                    dims = (dims,) if isinstance(dims, str) else dims
+                    _put(nc, name, dims, values, var_attrs)
+                nc.setncatts(self.attrs)
+                nc.close()
             self._nc = None
             publish(self._tmp, self.path)
         except BaseException:
@@ -486,7 +491,8 @@ class AnalysisWriter:
     def abort(self) -> None:
         """Drop the temporary file."""
         if self._nc is not None:
-            self._nc.close()
+            with NETCDF4_PYTHON_LOCK:
+                self._nc.close()
             self._nc = None
         if self._tmp is not None:
             Path(self._tmp).unlink(missing_ok=True)

@@ -174,3 +174,49 @@ def test_streamed_training_equals_training_in_memory(tmp_path):
     resumed, _ = train(net, stream, more, checkpoint=tmp_path / "s.eqx", resume=True)
     straight, _ = train(net, in_memory, more, checkpoint=tmp_path / "m2.eqx")
     assert tree_allclose(resumed, straight, rtol=1e-12, atol=1e-14)
+
+
+def test_analysis_written_while_windows_are_read_on_another_thread(tmp_path):
+    """netCDF-C / HDF5 are not thread-safe: `assim-run` appends to analysis.nc while
+    the prefetch thread reads windows through xarray (without the shared lock this
+    failed at once with 'NetCDF: HDF error')."""
+    import simulators as sim
+    from assim import AnalysisWriter, WindowResult
+    from assim._var import SolveInfo
+
+    n = 16
+    rng = np.random.default_rng(0)
+    xr.Dataset(
+        {"obs": (("time", "y", "x"), rng.random((500, n, n), dtype=np.float32))}
+    ).to_netcdf(tmp_path / "source.nc")
+    source = xr.open_dataset(tmp_path / "source.nc", engine="netcdf4")
+    stop, failures = threading.Event(), []
+
+    def read():
+        k = 0
+        while not stop.is_set():
+            try:
+                source.isel(time=slice(k, k + 10)).load()
+            except Exception as e:  # reported by the test
+                failures.append(repr(e))
+                return
+            k = (k + 10) % 490
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    info = SolveInfo(np.ones(2), np.ones(2), 1, "successful", True)
+    try:
+        with AnalysisWriter(tmp_path / "a.nc", grid=sim.Grid((n, n), (1.0, 1.0))) as w:
+            for i in range(300):
+                state = rng.random((10, n, n), dtype=np.float32)
+                w.append(
+                    WindowResult(10.0 * i + np.arange(10), state, state, None, info, {})
+                )
+            w.close()
+    finally:
+        stop.set()
+        reader.join()
+    assert not failures, failures
+    with xr.open_dataset(tmp_path / "a.nc") as written:
+        assert written["analysis"].shape == (3000, n, n)
+        np.testing.assert_array_equal(written["analysis"][-10:].values, state)
