@@ -25,7 +25,8 @@ Sections (`--only NAME`; float32 throughout, as production runs are):
   written window by window) up to `--run-max-gb`, with its peak memory.
 
 `python benchmarks/bench_scale.py` (about 20 minutes on 2 CPU cores; the streaming
-section writes up to 7.5 GB under `--scratch`, removed afterwards).
+section writes up to 7.5 GB of archives and a 4 GB `analysis.nc` under `--scratch`,
+removed afterwards).
 """
 
 import argparse
