@@ -393,7 +393,7 @@ def _finish(cfg, ds, path, out, t_start, grid, heldout, parameter, results, whol
             metrics["parameters"] = {spec.name: _parameter_entry(ds, spec, estimated)}
         writer.close(parameters)
     write_json(metrics, out / "metrics.json")
-    if cfg.plot:
+    if cfg.plot and jax.process_index() == 0:  # the file only process 0 wrote
         _plot(cfg, ds, out, grid, scores, estimated)
     log.info("wrote %s", out)
     return metrics
