@@ -157,10 +157,10 @@ def _assimilate(cfg: DictConfig) -> dict:
         if method.get("cycle", True):
             results = iter_cycle_unrolled(net, windows, background)
         else:  # independent windows, `batch` at a time over every device
-            results = (
-                result
-                for chunk in _chunks(windows, batch)
-                for result in assimilate_windows(net, chunk, background)
+            results = _in_batches(
+                lambda chunk: assimilate_windows(net, chunk, background),
+                windows,
+                batch,
             )
         return _finish(
             cfg, ds, path, out, t_start, grid, heldout, parameter, results, wholes
@@ -207,10 +207,10 @@ def _assimilate(cfg: DictConfig) -> dict:
     if not method.get("cycle", True):
         # Independent windows from the first background, `batch` at a time, each
         # batch split over every device (data parallel).
-        results = (
-            result
-            for chunk in _chunks(windows, batch)
-            for result in assimilate_var_windows(template, chunk, **options)
+        results = _in_batches(
+            lambda chunk: assimilate_var_windows(template, chunk, **options),
+            windows,
+            batch,
         )
     else:
         if cfg.progress:
@@ -248,13 +248,14 @@ def _assimilate(cfg: DictConfig) -> dict:
             bar.close()
 
 
-def _chunks(items, size: int):
-    """Lists of `size` consecutive items (the last one shorter)."""
+def _in_batches(assimilate, windows, size: int):
+    """The results of `assimilate(list of windows)` over `size` windows at a time
+    (the last batch shorter), one result per window, in order."""
     if size < 1:
         raise ValueError(f"batch_windows must be at least 1, got {size}")
-    items = iter(items)
-    while chunk := list(itertools.islice(items, size)):
-        yield chunk
+    windows = iter(windows)
+    while chunk := list(itertools.islice(windows, size)):
+        yield from assimilate(chunk)
 
 
 class _Scores:
