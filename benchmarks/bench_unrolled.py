@@ -378,15 +378,17 @@ def section_l96(args):
             prior=None,
         )
         lstm = lstm.with_stable_steps(select(data.obs, 0), data.background[0])
-        for losses, name in (
-            ({"supervised": 1.0}, "supervised"),
-            (
-                {"masking": 1.0},
-                "masking (no truth)",
-            ),
+        for name, loss in (
+            ("supervised", "supervised"),
+            ("masking (no truth)", "masking"),
         ):
             trained = fit(
-                lstm, data, validation, steps=args.steps, batch_size=16, losses=losses
+                lstm,
+                data,
+                validation,
+                steps=args.steps,
+                batch_size=16,
+                losses={loss: 1.0},
             )
             methods.append(
                 (f"unrolled, {k} layers, ConvLSTM solver, {name}", trained.analysis)
@@ -530,12 +532,11 @@ def section_bundled_long(args):
     rows = []
     t0 = time.perf_counter()
     for n in range(chunk, steps + 1, chunk):
-        if n <= done:
+        if n < done:
+            continue  # only the last checkpoint is kept
+        if n == done:
             state, _ = load_checkpoint(checkpoint, init_state(net, settings(n)))
-            if int(state.step) != n:
-                continue  # only the last checkpoint is kept
-            trained = network(net, state)
-            records = []
+            trained, records = network(net, state), []
         else:
             trained, records = train(
                 net,
