@@ -495,17 +495,49 @@ def section_bundled(args):
     )
 
 
+def start_from_kappa(net, parameter, path, true):
+    """`net` with its `theta` fitted (least squares in log kappa, Adam) to the
+    diffusivity field `kappa` of an `assim-run` analysis file."""
+    import optax
+    import xarray as xr
+
+    with xr.open_dataset(path) as ds:
+        target = jnp.log(jnp.asarray(ds["kappa"].values, jnp.float64))
+    optimiser = optax.adam(0.05)
+
+    @jax.jit
+    def step(theta, state):
+        misfit = lambda t: jnp.sum((jnp.log(parameter.value(t)) - target) ** 2)  # noqa: E731
+        updates, state = optimiser.update(jax.grad(misfit)(theta), state)
+        return optax.apply_updates(theta, updates), state
+
+    theta = jnp.zeros_like(net.theta)
+    state = optimiser.init(theta)
+    for _ in range(3000):
+        theta, state = step(theta, state)
+    print(
+        f"  starting from the diffusivity of {path}: rel. L2 "
+        f"{kappa_error(parameter, theta, true):.3f}"
+    )
+    return eqx.tree_at(lambda n: n.theta, net, theta)
+
+
 def section_bundled_long(args):
     """The masking network of `bundled` trained for longer, at a constant learning
     rate after warm-up (`--bundled-long-*`), in chunks: after each chunk, the
     learned diffusivity's error and the test window's analysis RMSE. The chunks
     resume one training run (a constant schedule makes it the uninterrupted run);
-    `--bundled-long-checkpoint FILE` keeps it, so that a stopped run continues."""
+    `--bundled-long-checkpoint FILE` keeps it, so that a stopped run continues.
+    `--bundled-long-kappa-from analysis.nc` starts the diffusivity from another
+    estimate (e.g. `assim-run`'s joint 4D-Var): does the masking loss keep it?"""
     from assim import init_state, load_checkpoint, read_header
     from assim._train import network
 
     _, ds, data, validation, test, net, parameter, _ = bundled_setup(args)
     true = np.asarray(ds["true_kappa"].values)
+    if args.bundled_long_kappa_from is not None:
+        net = start_from_kappa(net, parameter, args.bundled_long_kappa_from, true)
+        net = net.with_stable_steps(select(data.obs, 0), data.background[0])
     steps, chunk = args.bundled_long_steps, args.bundled_long_chunk
     checkpoint = args.bundled_long_checkpoint
     if checkpoint is None:
@@ -849,6 +881,12 @@ def main():
         "--bundled-long-parameter-learning-rate", type=float, default=0.03
     )
     parser.add_argument("--bundled-long-checkpoint", type=Path, default=None)
+    parser.add_argument(
+        "--bundled-long-kappa-from",
+        type=Path,
+        default=None,
+        help="bundled_long: start from the diffusivity of an assim-run analysis.nc",
+    )
     parser.add_argument("--forcing-windows", type=int, default=512)
     parser.add_argument("--forcing-steps", type=int, default=400)
     parser.add_argument("--forcing-batch", type=int, default=16)
