@@ -307,14 +307,18 @@ def oi_method(oi: BilevelVar, climate_mean: float):
     return method
 
 
-def l96_unrolled(simulator, B, K, n_times, scale, key, **options):
+def l96_unrolled(simulator, B, K, data, scale, key, **options):
+    """A K-layer network for the windows of `data` (momentum and a proximal CNN
+    unless `options` say otherwise), its steps started at 1 / curvature of the
+    first window."""
     options = {"momentum": True, "prior": "proximal", **options}
-    return UnrolledVar(
+    first = select(data.obs, 0)
+    net = UnrolledVar(
         simulator,
         B,
         K,
         observation_interval=L96_INTERVAL,
-        n_times=n_times,
+        n_times=first.n_times,
         scale=scale,
         width=16,
         depth=3,
@@ -322,6 +326,7 @@ def l96_unrolled(simulator, B, K, n_times, scale, key, **options):
         key=key,
         **options,
     )
+    return net.with_stable_steps(first, data.background[0])
 
 
 def section_l96(args):
@@ -337,8 +342,7 @@ def section_l96(args):
         simulator, B, observation_interval=L96_INTERVAL, max_steps=K, throw=False
     )
     scale = data.observed_std()
-    net = l96_unrolled(simulator, B, K, T, scale, jax.random.PRNGKey(0))
-    net = net.with_stable_steps(select(data.obs, 0), data.background[0])
+    net = l96_unrolled(simulator, B, K, data, scale, jax.random.PRNGKey(0))
     supervised = fit(
         net,
         data,
@@ -371,13 +375,12 @@ def section_l96(args):
             simulator,
             B,
             k,
-            T,
+            data,
             scale,
             jax.random.PRNGKey(0),
             gradient_solver=True,
             prior=None,
         )
-        lstm = lstm.with_stable_steps(select(data.obs, 0), data.background[0])
         for name, loss in (
             ("supervised", "supervised"),
             ("masking (no truth)", "masking"),
@@ -618,13 +621,12 @@ def section_forcing(args):
         true,
         B,
         K,
-        T,
+        data,
         scale,
         jax.random.PRNGKey(1),
         theta=theta0,
         set_parameters=set_forcing,
     )
-    net = net.with_stable_steps(select(data.obs, 0), data.background[0])
     trained = fit(
         net,
         data,
@@ -738,8 +740,7 @@ def section_model_error(args):
         ("without correction", l96_simulator(8.0)),
         ("with learned correction", l96_simulator(8.0, correction)),
     ):
-        net = l96_unrolled(model, B, K, T, scale, jax.random.PRNGKey(2))
-        net = net.with_stable_steps(select(data_window.obs, 0), data.background[0])
+        net = l96_unrolled(model, B, K, data_window, scale, jax.random.PRNGKey(2))
         nets[name] = fit(
             net,
             data_window,
