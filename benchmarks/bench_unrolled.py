@@ -451,7 +451,6 @@ def section_bundled(args):
     from assim._cli.common import build_simulator
 
     cfg, ds, data, validation, test, net, parameter, interval = bundled_setup(args)
-    shape = data.background.shape[1:]
     simulator, _ = build_simulator(cfg.simulator)  # the prior diffusivity
     B = net.background_covariance
     var = BilevelVar(simulator, B, observation_interval=interval, max_steps=1000)
@@ -487,9 +486,7 @@ def section_bundled(args):
         rows.append(
             (f"diffusivity field, {name} network", f"rel. L2 {error:.3f}", "", "")
         )
-    prior = np.linalg.norm(parameter.value(jnp.zeros(shape)) - true) / np.linalg.norm(
-        true
-    )
+    prior = kappa_error(parameter, jnp.zeros_like(net.theta), true)
     rows.append(("diffusivity field, prior", f"rel. L2 {prior:.3f}", "", ""))
     print_table(
         "Bundled dataset (2D advection-diffusion, 32 x 32, tracks, window 10)",
