@@ -30,6 +30,7 @@ from ._io import write_json as write_json
 from ._io import write_netcdf as write_netcdf
 from ._losses import Batch as Batch
 from ._losses import batch_loss as batch_loss
+from ._losses import cost_loss as cost_loss
 from ._losses import denoising_loss as denoising_loss
 from ._losses import evidence_loss as evidence_loss
 from ._losses import hide as hide

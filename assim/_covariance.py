@@ -24,6 +24,11 @@ class AbstractCovariance(eqx.Module):
     def sqrt_transpose(self, x: Array) -> Array:
         """`S^T x`."""
 
+    @abc.abstractmethod
+    def whiten(self, x: Array) -> Array:
+        """`S^{-1} x`: the control `v` of an increment `x = S v`, so that
+        `|x|^2_{B^-1} = |S^{-1} x|^2` (the background term of the cost at a state)."""
+
     def apply(self, x: Array) -> Array:
         """`B x = S S^T x`."""
         return self.sqrt(self.sqrt_transpose(x))
@@ -48,6 +53,9 @@ class DiagonalCovariance(AbstractCovariance):
 
     def sqrt_transpose(self, x):
         return self.std * x
+
+    def whiten(self, x):
+        return x / self.std
 
 
 class DiffusionCovariance(AbstractCovariance):
@@ -118,6 +126,10 @@ class DiffusionCovariance(AbstractCovariance):
     def sqrt_transpose(self, x):
         return self.sqrt(x)  # symmetric
 
+    def whiten(self, x):
+        inverse = 1 / self._half_symbol()
+        return self.grid.solve_diagonal(x, inverse) * self._normalisation() / self.std
+
 
 class SpectralCovariance(AbstractCovariance):
     """A homogeneous (translation-invariant) covariance on a periodic grid, diagonal in
@@ -177,3 +189,17 @@ class SpectralCovariance(AbstractCovariance):
 
     def sqrt_transpose(self, x):
         return self.sqrt(x)  # symmetric: a real, even filter
+
+    def whiten(self, x):
+        """`S^+ x`: modes of zero variance (e.g. the mean of anomalies) are outside
+        B's range and are dropped (the pseudo-inverse)."""
+        axes = self._axes()
+        positive = self.spectrum > 0
+        inverse = jnp.where(
+            positive, 1 / jnp.sqrt(jnp.where(positive, self.spectrum, 1)), 0
+        )
+        x_hat = jnp.fft.rfftn(x, axes=axes, norm="ortho")
+        out = jnp.fft.irfftn(
+            inverse * x_hat, s=self.grid.shape, axes=axes, norm="ortho"
+        )
+        return out.astype(x.dtype)

@@ -1,7 +1,8 @@
 """Training losses for window networks: supervised (against `truth`), observation
-masking (no ground truth), optimality residual (physics), the marginal likelihood
-of the observations (bilevel networks; no ground truth), and denoising (for a
-plug-and-play prior). All take one window; `batch_loss` vmaps them over a batch."""
+masking (no ground truth), the variational cost and the optimality residual
+(physics; no ground truth), the marginal likelihood of the observations (bilevel
+networks; no ground truth), and denoising (for a plug-and-play prior). All take one
+window; `batch_loss` vmaps them over a batch."""
 
 import dataclasses
 from typing import Literal
@@ -105,6 +106,24 @@ def residual_loss(net: AbstractWindowNet, obs: ObservationSet, background) -> Ar
     return jnp.mean(d**2) / net.scale**2
 
 
+def cost_loss(
+    net: AbstractWindowNet, obs: ObservationSet, background, *, windows: int = 1
+) -> Array:
+    """The window's 4D-Var cost at the network's output, per observation:
+    `(|x - x_b|^2_{B^-1} / 2 + J_o(x; theta) + |theta|^2 / (2 windows)) / n_obs`,
+    with `theta` the whitened physical parameters (prior `N(0, I)`). Summed over the
+    `windows` training windows it is the joint 4D-Var cost of their analyses and the
+    shared parameters (unsupervised 4DVarNet), so that the learned `theta` is their
+    joint MAP estimate from the observations, which the cost reads whole (no truth)."""
+    x = net(obs, background)
+    v = net.background_covariance.whiten(x - background)
+    value = 0.5 * jnp.sum(v**2) + net.observation_cost(x, obs)
+    if net.theta is not None:
+        squares = sum(jnp.sum(t**2) for t in jax.tree.leaves(net.theta))
+        value = value + 0.5 * squares / windows
+    return value / jnp.maximum(jnp.sum(obs.mask), 1)
+
+
 def evidence_loss(
     net: AbstractWindowNet,
     obs: ObservationSet,
@@ -140,7 +159,7 @@ def denoising_loss(
     return jnp.mean((clean - fields) ** 2) / net.scale**2
 
 
-Loss = Literal["supervised", "masking", "residual", "evidence"]
+Loss = Literal["supervised", "masking", "residual", "cost", "evidence"]
 
 
 def window_loss(
@@ -153,10 +172,12 @@ def window_loss(
     fraction: float = 0.2,
     by: Hide = "points",
     probes: int = 0,
+    windows: int = 1,
 ) -> tuple[Array, dict[str, Array]]:
     """A weighted sum of the named losses (`weights`, e.g. `{"masking": 1.0,
     "residual": 0.1}`) on one window, and each term. `fraction`, `by`: the masking
-    loss's; `probes`: the evidence loss's log-determinant (0: exact)."""
+    loss's; `probes`: the evidence loss's log-determinant (0: exact); `windows`: the
+    cost loss's (the windows that share one parameter prior)."""
     terms = {}
     for name in weights:
         if name == "supervised":
@@ -167,23 +188,34 @@ def window_loss(
             )
         elif name == "residual":
             terms[name] = residual_loss(net, obs, background)
+        elif name == "cost":
+            terms[name] = cost_loss(net, obs, background, windows=windows)
         elif name == "evidence":
             terms[name] = evidence_loss(
                 net, obs, background, probes=probes, key=jax.random.fold_in(key, 1)
             )
         else:
             raise ValueError(
-                f"unknown loss {name!r}: expected supervised, masking, residual or "
-                "evidence"
+                f"unknown loss {name!r}: expected supervised, masking, residual, cost "
+                "or evidence"
             )
     total = sum(weights[name] * terms[name] for name in terms)
     return total, terms
 
 
-def batch_loss(net: AbstractWindowNet, batch: Batch, *, key: PRNGKeyArray, **options):
-    """`window_loss` averaged over a batch (vmapped; one key per window)."""
+def batch_loss(
+    net: AbstractWindowNet,
+    batch: Batch,
+    *,
+    key: PRNGKeyArray,
+    windows: int | None = None,
+    **options,
+):
+    """`window_loss` averaged over a batch (vmapped; one key per window).
+    `windows`: the size of the set the batch is drawn from (default: the batch)."""
     keys = jax.random.split(key, batch.size)
-    total, terms = jax.vmap(lambda o, b, k: window_loss(net, o, b, key=k, **options))(
-        batch.obs, batch.background, keys
-    )
+    windows = batch.size if windows is None else windows
+    total, terms = jax.vmap(
+        lambda o, b, k: window_loss(net, o, b, key=k, windows=windows, **options)
+    )(batch.obs, batch.background, keys)
     return jnp.mean(total), jax.tree.map(jnp.mean, terms)

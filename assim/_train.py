@@ -46,8 +46,8 @@ class TrainSettings:
       parameters (`theta`; default `learning_rate`). Adam moves each coordinate by
       about the learning rate per step, so a whitened parameter field that must
       travel O(1) from its prior needs a larger rate than the network's weights.
-    - `losses`: weights of the loss terms, e.g. `{"masking": 1.0}` (terms weighted
-      0 are not computed).
+    - `losses`: weights of the loss terms (supervised, masking, residual, cost,
+      evidence), e.g. `{"masking": 1.0}` (terms weighted 0 are not computed).
     - `mask_fraction`, `mask_by`: the masking loss's hidden share and unit.
     - `evidence_probes`: the evidence loss's log-determinant (0: exact; `n > 0`:
       a stochastic gradient with `n` probe vectors, for large grids).
@@ -165,10 +165,13 @@ def _draw(settings: TrainSettings, step, n: int):
     return index, key_loss
 
 
-def _update(state: TrainState, static, batch: Batch, key, settings: TrainSettings):
+def _update(
+    state: TrainState, static, batch: Batch, key, settings: TrainSettings, windows
+):
     def loss(params):
         net = eqx.combine(params, static)
-        return batch_loss(net, batch, key=key, **settings.loss_options())
+        options = settings.loss_options()
+        return batch_loss(net, batch, key=key, windows=windows, **options)
 
     (value, terms), grads = eqx.filter_value_and_grad(loss, has_aux=True)(state.params)
     updates, opt_state = settings.optimizer().update(
@@ -190,14 +193,17 @@ def _train_step(
     # and the data they are drawn from are replicated, so XLA inserts the
     # gradient's all-reduce.
     batch = jax.lax.with_sharding_constraint(_select(data, index), sharding)
-    return _update(state, static, batch, key, settings)
+    return _update(state, static, batch, key, settings, data.size)
 
 
 @eqx.filter_jit
-def _streamed_step(state: TrainState, static, batch: Batch, settings: TrainSettings):
-    """A step on a batch read from a `WindowStream` (already split over devices)."""
+def _streamed_step(
+    state: TrainState, static, batch: Batch, settings: TrainSettings, windows: int
+):
+    """A step on a batch read from a `WindowStream` (already split over devices);
+    `windows`: the stream's size."""
     _, key = _draw(settings, state.step, 1)
-    return _update(state, static, batch, key, settings)
+    return _update(state, static, batch, key, settings, windows)
 
 
 def _stream_batches(stream: WindowStream, settings: TrainSettings, start: int):
@@ -342,7 +348,7 @@ def train(
 
         def step_fn(state):
             batch = shard_batch(next(batches), mesh)
-            return _streamed_step(state, static, batch, settings)
+            return _streamed_step(state, static, batch, settings, data.size)
 
     else:
         data = replicate(data, mesh)

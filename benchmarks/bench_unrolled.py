@@ -551,7 +551,7 @@ def section_bundled_long(args):
             parameter_learning_rate=args.bundled_long_parameter_learning_rate,
             warmup_steps=5,
             final_fraction=1.0,
-            losses={"masking": 1.0},
+            losses=args.bundled_long_losses,
             validate_every=chunk,
             checkpoint_every=chunk,
         )
@@ -593,7 +593,7 @@ def section_bundled_long(args):
         )
     print_table(
         "Bundled dataset, masking network trained longer (constant learning rate)",
-        ["step", "validation masking loss", "kappa rel. L2", "test analysis RMSE"],
+        ["step", "validation loss", "kappa rel. L2", "test analysis RMSE"],
         rows,
     )
 
@@ -854,6 +854,12 @@ SECTIONS = {
 }
 
 
+def loss_weights(text: str) -> dict:
+    """`"cost=1,masking=0.5"` -> `{"cost": 1.0, "masking": 0.5}`."""
+    pairs = (item.split("=") for item in text.split(","))
+    return {name.strip(): float(weight) for name, weight in pairs}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(SECTIONS), action="append")
@@ -879,6 +885,12 @@ def main():
         "--bundled-long-parameter-learning-rate", type=float, default=0.03
     )
     parser.add_argument("--bundled-long-checkpoint", type=Path, default=None)
+    parser.add_argument(
+        "--bundled-long-losses",
+        type=loss_weights,
+        default={"masking": 1.0},
+        help="bundled_long: the loss weights, e.g. masking=1 or cost=1,masking=1",
+    )
     parser.add_argument(
         "--bundled-long-kappa-from",
         type=Path,

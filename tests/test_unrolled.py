@@ -18,6 +18,7 @@ from assim import (
     TrainSettings,
     UnrolledVar,
     batch_loss,
+    cost_loss,
     evidence_loss,
     masking_loss,
     train,
@@ -294,13 +295,51 @@ def test_masking_loss_never_reads_truth(l96_windows, getkey):
         batch_size=2,
         validate_every=0,
         checkpoint_every=0,
-        losses={"masking": 1.0, "residual": 0.1},
+        losses={"masking": 1.0, "residual": 0.1, "cost": 0.1},
     )
     a, _ = train(net, windows_batch(windows, (40,)), settings)
     b, _ = train(net, windows_batch(poisoned, (40,)), settings)
     assert tree_allclose(eqx.filter(a, eqx.is_array), eqx.filter(b, eqx.is_array))
     loss = masking_loss(net, poisoned[0], jnp.full(40, 2.0), key=getkey())
     assert np.isfinite(float(loss))
+
+
+def test_cost_loss_is_the_joint_4dvar_cost(l96_windows, getkey):
+    """Summed over the windows (times their observation counts), the cost loss is
+    the joint 4D-Var cost of the networks' analyses and the shared forcing: each
+    window's `Var4D` cost at the control of the analysis, with the parameter prior
+    counted once."""
+    from assim._var import Control, Var4D
+
+    l96, B, windows = l96_windows
+    theta = jnp.asarray(0.05)
+    net = make_net(l96, B, getkey(), theta=theta, set_parameters=set_forcing)
+    data = windows_batch(windows[:3], (40,))
+    total, joint, losses = 0.0, -2 * 0.5 * theta**2, []  # Var4D: a prior per window
+    for i in range(3):
+        obs = jax.tree.map(lambda a, i=i: a[i], data.obs)
+        background = data.background[i]
+        x = net(obs, background)
+        cost = Var4D(
+            l96,
+            background,
+            B,
+            INTERVAL,
+            set_parameters=set_forcing,
+            parameter_background=jnp.asarray(0.0),
+            parameter_std=1.0,
+        )
+        control = Control(B.whiten(x - background), theta, None)
+        np.testing.assert_allclose(cost.analysis(control)[0], x, atol=1e-10)
+        joint = joint + cost(control, obs)
+        losses.append(cost_loss(net, obs, background, windows=3))
+        total = total + losses[-1] * jnp.sum(obs.mask)
+    np.testing.assert_allclose(total, joint, rtol=1e-10)
+    # batch_loss: the mean over the batch, the prior shared by the `windows` given.
+    value, _ = batch_loss(net, data, key=getkey(), weights={"cost": 1.0}, windows=3)
+    np.testing.assert_allclose(value, np.mean(losses), rtol=1e-12)
+    value, _ = batch_loss(net, data, key=getkey(), weights={"cost": 1.0})
+    np.testing.assert_allclose(value, np.mean(losses), rtol=1e-12)  # default: batch
 
 
 def test_resume_continues_exactly(l96_windows, getkey, tmp_path):

@@ -36,6 +36,38 @@ def test_diffusion_covariance_is_symmetric_with_unit_mean_variance(boundary):
     assert corr[46] > 0.3 and abs(corr[0]) < 0.2
 
 
+def _covariances():
+    grid = sim.Grid((9, 10), (1.0, 1.0))
+    rng = np.random.default_rng(3)
+    k0, k1 = np.meshgrid(np.fft.fftfreq(9), np.fft.rfftfreq(10), indexing="ij")
+    spectrum = 1 / (1 + 10 * (k0**2 + k1**2))  # even in k: a real, symmetric filter
+    spectrum[0, 0] = 0.0  # the mean: outside B's range
+    return {
+        "diagonal": DiagonalCovariance(rng.uniform(0.5, 2.0, (9, 10))),
+        "diffusion-periodic": DiffusionCovariance(grid, 0.5, 0.1),
+        "diffusion-dirichlet": DiffusionCovariance(
+            sim.Grid((9, 10), (1.0, 1.0), "dirichlet"), 0.5, 0.1
+        ),
+        "spectral": SpectralCovariance(grid, spectrum),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_covariances()))
+def test_whiten_inverts_the_square_root(name):
+    """`whiten(S v) = v` and `S whiten(x) = x` on B's range (the spectral covariance
+    with a zero-variance mean: its pseudo-inverse drops the mean)."""
+    cov = _covariances()[name]
+    rng = np.random.default_rng(4)
+    v = jnp.asarray(rng.normal(size=(9, 10)))
+    x = jnp.asarray(rng.normal(size=(9, 10)))
+    if name == "spectral":
+        v, x = v - jnp.mean(v), x - jnp.mean(x)
+        np.testing.assert_allclose(cov.whiten(jnp.ones((9, 10))), 0.0, atol=1e-12)
+    np.testing.assert_allclose(cov.whiten(cov.sqrt(v)), v, atol=1e-10)
+    np.testing.assert_allclose(cov.sqrt(cov.whiten(x)), x, atol=1e-10)
+    assert cov.whiten(x).dtype == x.dtype
+
+
 def _twin(n_obs=4, interval=2, seed=0, std=0.05):
     grid = sim.Grid((24,), (1.0,))
     x = np.asarray(grid.coordinates(0))
