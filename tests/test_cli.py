@@ -262,6 +262,7 @@ def test_train_resume_then_run_unrolled(tmp_path):
         "network.depth=2",
         "training.batch_size=1",
         "training.checkpoint_every=1",
+        "training.losses.cost=0.1",  # added to the default masking loss
         "progress=false",
     ]
     first = _app("train", tmp_path, *small, "training.steps=2")
@@ -274,6 +275,7 @@ def test_train_resume_then_run_unrolled(tmp_path):
     ]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) for r in records)
+    assert all(r["cost"] > 0 and "masking" in r for r in records)
     metrics = _run_checkpoint(tmp_path, "run")
     assert metrics["rmse_truth"] < metrics["rmse_background"], metrics
     missing = _app("run", tmp_path, "method=unrolled", "method.checkpoint=nope.eqx")
