@@ -143,38 +143,22 @@ def select(batch, index):
     return jax.tree.map(lambda a: a[index], batch)
 
 
-def compiled(method, *example, batched=False):
-    """`method` (vmapped if `batched`) compiled ahead of time for arguments shaped
-    like `example`, as a deployed analysis would be: each call runs the executable
-    on the arrays (the network's weights among them), without `eqx.filter_jit`'s
-    per-call partition of the whole network in Python, which is a large part of a
-    sub-millisecond window."""
-    dynamic, static = eqx.partition(method, eqx.is_array)
-
-    def run(d, *args):
-        fn = eqx.combine(d, static)
-        return (jax.vmap(fn) if batched else fn)(*args)
-
-    executable = jax.jit(run).lower(dynamic, *example).compile()
-    return lambda *args: executable(dynamic, *args)
-
-
 def evaluate(method, data, repeats=None):
     """`(rmse, its standard error over windows, seconds per window, seconds per
     window in a batch, analyses)` of `method(obs, background) -> trajectory`:
-    compiled ahead of time, one window per call (latency), and all windows in one
-    vmapped call (throughput, without the per-call dispatch); each the best of
-    `repeats` passes (default `--repeats`)."""
+    jitted, one window at a time after a compiling call (latency), and all windows
+    in one vmapped call (throughput, without the per-call dispatch); each the best
+    of `repeats` passes (default `--repeats`)."""
     repeats = REPEATS if repeats is None else repeats
+    fn = eqx.filter_jit(method)
+    jax.block_until_ready(fn(select(data.obs, 0), data.background[0]))
     windows = [(select(data.obs, i), data.background[i]) for i in range(data.size)]
-    fn = compiled(method, *windows[0])
-    jax.block_until_ready(fn(*windows[0]))
     per_window = np.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
         trajectories = [jax.block_until_ready(fn(*window)) for window in windows]
         per_window = min(per_window, (time.perf_counter() - t0) / data.size)
-    batched = compiled(method, data.obs, data.background, batched=True)
+    batched = eqx.filter_jit(jax.vmap(method))
     jax.block_until_ready(batched(data.obs, data.background))
     per_window_batched = np.inf
     for _ in range(repeats):
