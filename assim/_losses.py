@@ -113,8 +113,11 @@ def cost_loss(
     `(|x - x_b|^2_{B^-1} / 2 + J_o(x; theta) + |theta|^2 / (2 windows)) / n_obs`,
     with `theta` the whitened physical parameters (prior `N(0, I)`). Summed over the
     `windows` training windows it is the joint 4D-Var cost of their analyses and the
-    shared parameters (unsupervised 4DVarNet), so that the learned `theta` is their
-    joint MAP estimate from the observations, which the cost reads whole (no truth)."""
+    shared parameters (unsupervised 4DVarNet; it reads the observations whole, no
+    truth). The learned `theta` is their joint MAP estimate only where the analyses
+    reach the 4D-Var minimum: away from it the parameters absorb the network's error
+    (README, bundled dataset). `B` enters unscaled, so it is no criterion for a
+    learned B scale (it falls as B widens): use the evidence for that."""
     x = net(obs, background)
     v = net.background_covariance.whiten(x - background)
     value = 0.5 * jnp.sum(v**2) + net.observation_cost(x, obs)
