@@ -524,8 +524,8 @@ def start_from_kappa(net, parameter, path, true):
 
 def section_bundled_long(args):
     """The masking network of `bundled` (or `--bundled-long-losses`, e.g. the cost
-    loss) trained for longer, at a constant learning
-    rate after warm-up (`--bundled-long-*`), in chunks: after each chunk, the
+    loss) trained for longer, at a constant learning rate after warm-up
+    (`--bundled-long-*`), in chunks: after each chunk, the
     learned diffusivity's error and the test window's analysis RMSE. The chunks
     resume one training run (a constant schedule makes it the uninterrupted run);
     `--bundled-long-checkpoint FILE` keeps it, so that a stopped run continues.
