@@ -35,6 +35,7 @@ from ._losses import denoising_loss as denoising_loss
 from ._losses import evidence_loss as evidence_loss
 from ._losses import hide as hide
 from ._losses import masking_loss as masking_loss
+from ._losses import refine_analysis as refine_analysis
 from ._losses import residual_loss as residual_loss
 from ._losses import supervised_loss as supervised_loss
 from ._losses import window_loss as window_loss

@@ -11,11 +11,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optimistix as optx
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._bilevel import BilevelVar
 from ._observations import ObservationSet
 from ._unrolled import AbstractWindowNet
+from ._var import Control, Var4D, make_solver
 
 Hide = Literal["points", "sensors"]
 
@@ -106,25 +108,96 @@ def residual_loss(net: AbstractWindowNet, obs: ObservationSet, background) -> Ar
     return jnp.mean(d**2) / net.scale**2
 
 
-def cost_loss(
-    net: AbstractWindowNet, obs: ObservationSet, background, *, windows: int = 1
-) -> Array:
-    """The window's 4D-Var cost at the network's output, per observation:
-    `(|x - x_b|^2_{B^-1} / 2 + J_o(x; theta) + |theta|^2 / (2 windows)) / n_obs`,
-    with `theta` the whitened physical parameters (prior `N(0, I)`). Summed over the
-    `windows` training windows it is the joint 4D-Var cost of their analyses and the
-    shared parameters (unsupervised 4DVarNet; it reads the observations whole, no
-    truth). The learned `theta` is their joint MAP estimate only where the analyses
-    reach the 4D-Var minimum: away from it the parameters absorb the network's error
-    (README, bundled dataset). `B` enters unscaled, so it is no criterion for a
-    learned B scale (it falls as B widens): use the evidence for that."""
-    x = net(obs, background)
+def _window_cost(net: AbstractWindowNet, x, obs: ObservationSet, background, windows):
     v = net.background_covariance.whiten(x - background)
     value = 0.5 * jnp.sum(v**2) + net.observation_cost(x, obs)
     if net.theta is not None:
         squares = sum(jnp.sum(t**2) for t in jax.tree.leaves(net.theta))
         value = value + 0.5 * squares / windows
     return value / jnp.maximum(jnp.sum(obs.mask), 1)
+
+
+def _held(tree):
+    """`tree` with its arrays' gradients stopped."""
+    arrays, rest = eqx.partition(tree, eqx.is_array)
+    return eqx.combine(jax.lax.stop_gradient(arrays), rest)
+
+
+def _hold_model(net: AbstractWindowNet) -> AbstractWindowNet:
+    """`net` with its model's learned parts (`theta`, the correction) held."""
+    return eqx.tree_at(
+        lambda n: (n.theta, n.simulator.correction),
+        net,
+        (_held(net.theta), _held(net.simulator.correction)),
+        is_leaf=lambda x: x is None,
+    )
+
+
+def refine_analysis(
+    net: AbstractWindowNet,
+    obs: ObservationSet,
+    background,
+    x,
+    *,
+    steps: int,
+    cg_steps: int = 20,
+) -> Array:
+    """The window's 4D-Var analysis reached from `x` (e.g. a network's output), the
+    network's model held: `steps` Gauss-Newton iterations of incremental 4D-Var
+    (`cg_steps` conjugate-gradient iterations each, `make_solver("gauss-newton")`)
+    on `|x - x_b|^2_{B^-1} / 2 + J_o(x)`, started at `x`. Not differentiated (the
+    gradients of `net` and `x` are stopped). For a model linear in the state, one
+    iteration with enough CG iterations is the minimum."""
+    net = _held(net)
+    B = net.background_covariance
+    cost = Var4D(net.model(), background, B, net.observation_interval)
+    start = Control(B.whiten(jax.lax.stop_gradient(x) - background))
+    solution = optx.least_squares(
+        lambda y, args: cost.residuals(y, obs),
+        # Tolerances below reach: the iterations run to `steps` (or a fixed point).
+        make_solver("gauss-newton", rtol=1e-12, atol=1e-12, inner_steps=cg_steps),
+        start,
+        max_steps=steps + 1,  # optimistix's first step only linearises
+        throw=False,
+    )
+    return jax.lax.stop_gradient(cost.analysis(solution.value)[0])
+
+
+def cost_loss(
+    net: AbstractWindowNet,
+    obs: ObservationSet,
+    background,
+    *,
+    windows: int = 1,
+    refine: int = 0,
+    refine_cg: int = 20,
+) -> Array:
+    """The window's 4D-Var cost at the network's output, per observation:
+    `(|x - x_b|^2_{B^-1} / 2 + J_o(x; theta) + |theta|^2 / (2 windows)) / n_obs`,
+    with `theta` the whitened physical parameters (prior `N(0, I)`). Summed over the
+    `windows` training windows it is the joint 4D-Var cost of their analyses and the
+    shared parameters (unsupervised 4DVarNet; it reads the observations whole, no
+    truth). `B` enters unscaled, so it is no criterion for a learned B scale (it
+    falls as B widens): use the evidence for that.
+
+    With `refine = 0` every learned leaf descends the cost at the network's output,
+    so the learned `theta` is the joint MAP estimate only where the analyses reach
+    the 4D-Var minimum: away from it the parameters absorb the network's error
+    (README, bundled dataset). `refine > 0` separates the two: the value is the
+    cost at `x* = refine_analysis(x)` (`refine` Gauss-Newton iterations from the
+    network's output, `refine_cg` CG iterations each), and the model's learned
+    parts (`theta`, the correction) descend it there, which is the gradient of
+    `min_x J(x; theta)` (envelope theorem: `grad_x J(x*) = 0`) and so the joint
+    4D-Var gradient; the network descends the cost at its own output with the
+    model held, learning to start the refinement closer to the minimum."""
+    if refine == 0:
+        return _window_cost(net, net(obs, background), obs, background, windows)
+    held = _hold_model(net)
+    x = held(obs, background)
+    x_star = refine_analysis(net, obs, background, x, steps=refine, cg_steps=refine_cg)
+    own = _window_cost(held, x, obs, background, windows)
+    at_minimum = _window_cost(net, x_star, obs, background, windows)
+    return at_minimum + own - jax.lax.stop_gradient(own)
 
 
 def evidence_loss(
@@ -176,11 +249,14 @@ def window_loss(
     by: Hide = "points",
     probes: int = 0,
     windows: int = 1,
+    refine: int = 0,
+    refine_cg: int = 20,
 ) -> tuple[Array, dict[str, Array]]:
     """A weighted sum of the named losses (`weights`, e.g. `{"masking": 1.0,
     "residual": 0.1}`) on one window, and each term. `fraction`, `by`: the masking
-    loss's; `probes`: the evidence loss's log-determinant (0: exact); `windows`: the
-    cost loss's (the windows that share one parameter prior)."""
+    loss's; `probes`: the evidence loss's log-determinant (0: exact); `windows`,
+    `refine`, `refine_cg`: the cost loss's (the windows that share one parameter
+    prior; the Gauss-Newton refinement of the output)."""
     terms = {}
     for name in weights:
         if name == "supervised":
@@ -192,7 +268,14 @@ def window_loss(
         elif name == "residual":
             terms[name] = residual_loss(net, obs, background)
         elif name == "cost":
-            terms[name] = cost_loss(net, obs, background, windows=windows)
+            terms[name] = cost_loss(
+                net,
+                obs,
+                background,
+                windows=windows,
+                refine=refine,
+                refine_cg=refine_cg,
+            )
         elif name == "evidence":
             terms[name] = evidence_loss(
                 net, obs, background, probes=probes, key=jax.random.fold_in(key, 1)

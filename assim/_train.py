@@ -51,6 +51,10 @@ class TrainSettings:
     - `mask_fraction`, `mask_by`: the masking loss's hidden share and unit.
     - `evidence_probes`: the evidence loss's log-determinant (0: exact; `n > 0`:
       a stochastic gradient with `n` probe vectors, for large grids).
+    - `cost_refine`, `cost_refine_cg`: the cost loss's Gauss-Newton refinement of
+      the network's output (`cost_loss`'s `refine`, `refine_cg`; 0: none). With it
+      the physical parameters learn the joint 4D-Var estimate instead of absorbing
+      the network's error.
     - `validate_every`, `checkpoint_every`: in steps (0: only at the end).
     - `seed`: batches and masks are drawn from `fold_in(seed, step)`, so that a
       resumed run draws what the uninterrupted run would have.
@@ -67,6 +71,8 @@ class TrainSettings:
     mask_fraction: float = 0.2
     mask_by: str = "points"
     evidence_probes: int = 0
+    cost_refine: int = 0
+    cost_refine_cg: int = 20
     validate_every: int = 50
     checkpoint_every: int = 50
     seed: int = 0
@@ -80,6 +86,11 @@ class TrainSettings:
         if self.evidence_probes < 0:
             raise ValueError(
                 f"evidence_probes must be >= 0, got {self.evidence_probes}"
+            )
+        if self.cost_refine < 0 or self.cost_refine_cg < 1:
+            raise ValueError(
+                "cost_refine must be >= 0 and cost_refine_cg >= 1, got "
+                f"{self.cost_refine} and {self.cost_refine_cg}"
             )
         losses = dict(self.losses)
         if any(w < 0 for w in losses.values()):
@@ -116,6 +127,8 @@ class TrainSettings:
             "fraction": self.mask_fraction,
             "by": self.mask_by,
             "probes": self.evidence_probes,
+            "refine": self.cost_refine,
+            "refine_cg": self.cost_refine_cg,
         }
 
 

@@ -263,6 +263,8 @@ def test_train_resume_then_run_unrolled(tmp_path):
         "training.batch_size=1",
         "training.checkpoint_every=1",
         "training.losses.cost=0.1",  # added to the default masking loss
+        "training.cost_refine=1",  # at the output refined by Gauss-Newton
+        "training.cost_refine_cg=5",
         "progress=false",
     ]
     first = _app("train", tmp_path, *small, "training.steps=2")

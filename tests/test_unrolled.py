@@ -296,6 +296,8 @@ def test_masking_loss_never_reads_truth(l96_windows, getkey):
         validate_every=0,
         checkpoint_every=0,
         losses={"masking": 1.0, "residual": 0.1, "cost": 0.1},
+        cost_refine=2,  # the refined cost loss reads no truth either
+        cost_refine_cg=10,
     )
     a, _ = train(net, windows_batch(windows, (40,)), settings)
     b, _ = train(net, windows_batch(poisoned, (40,)), settings)
@@ -340,6 +342,58 @@ def test_cost_loss_is_the_joint_4dvar_cost(l96_windows, getkey):
     np.testing.assert_allclose(value, np.mean(losses), rtol=1e-12)
     value, _ = batch_loss(net, data, key=getkey(), weights={"cost": 1.0})
     np.testing.assert_allclose(value, np.mean(losses), rtol=1e-12)  # default: batch
+
+
+def test_refined_cost_loss_learns_the_joint_4dvar_parameters(l96_windows, getkey):
+    """With `refine`, the cost loss's value is the 4D-Var minimum over the state
+    (the refinement reaches a stationary point), its parameter gradient is the
+    derivative of that minimum (finite differences, re-solving at each forcing: the
+    envelope theorem), and the network's own leaves get the plain cost loss's
+    gradient (the model held)."""
+    from assim import refine_analysis
+
+    l96, B, windows = l96_windows
+    obs, background = windows[0], jnp.full(40, 2.0)
+    net = make_net(
+        l96, B, getkey(), theta=jnp.asarray(0.05), set_parameters=set_forcing
+    )
+    refine = dict(refine=15, refine_cg=60)
+    x = net(obs, background)
+    x_star = refine_analysis(net, obs, background, x, steps=15, cg_steps=60)
+
+    def stationarity(x):  # the gradient of the window cost in whitened coordinates
+        v = B.whiten(x - background)
+        g = jax.grad(net.observation_cost)(x, obs)
+        return float(jnp.linalg.norm(v + B.sqrt_transpose(g)))
+
+    assert stationarity(x) > 1.0
+    assert stationarity(x_star) < 1e-6 * stationarity(x)
+    value = cost_loss(net, obs, background, **refine)
+    assert float(value) < float(cost_loss(net, obs, background))
+
+    def loss_at(theta, **options):
+        return cost_loss(
+            eqx.tree_at(lambda n: n.theta, net, theta), obs, background, **options
+        )
+
+    grad = jax.grad(lambda t: loss_at(t, **refine))(jnp.asarray(0.05))
+    h = 1e-4
+    fd = (loss_at(0.05 + h, **refine) - loss_at(0.05 - h, **refine)) / (2 * h)
+    np.testing.assert_allclose(grad, fd, rtol=1e-5)
+    # The plain cost loss's parameter gradient carries the network's error.
+    plain = jax.grad(loss_at)(jnp.asarray(0.05))
+    assert abs(float(plain - grad)) > 0.1 * abs(float(grad))
+
+    def step_grad(**options):
+        spec = eqx.tree_at(
+            lambda n: n.log_step, jax.tree.map(lambda _: False, net), True
+        )
+        params, static = eqx.partition(net, spec)
+        return jax.grad(
+            lambda p: cost_loss(eqx.combine(p, static), obs, background, **options)
+        )(params).log_step
+
+    np.testing.assert_allclose(step_grad(**refine), step_grad(), rtol=1e-10)
 
 
 def test_resume_continues_exactly(l96_windows, getkey, tmp_path):
