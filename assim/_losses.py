@@ -24,10 +24,13 @@ Hide = Literal["points", "sensors"]
 
 class Batch(eqx.Module):
     """A batch of windows: observations stacked along a leading axis (every leaf of
-    the `ObservationSet`) and one background per window."""
+    the `ObservationSet`) and one background per window; `analysis`, if set, holds
+    the refined 4D-Var analyses the cost loss is evaluated at (`train` sets it from
+    its warm-started store)."""
 
     obs: ObservationSet
     background: Float[Array, "batch ..."]
+    analysis: Float[Array, "batch ..."] | None = None
 
     @classmethod
     def stack(cls, windows: list[ObservationSet], backgrounds) -> "Batch":
@@ -171,6 +174,7 @@ def cost_loss(
     windows: int = 1,
     refine: int = 0,
     refine_cg: int = 20,
+    analysis: Array | None = None,
 ) -> Array:
     """The window's 4D-Var cost at the network's output, per observation:
     `(|x - x_b|^2_{B^-1} / 2 + J_o(x; theta) + |theta|^2 / (2 windows)) / n_obs`,
@@ -189,12 +193,21 @@ def cost_loss(
     parts (`theta`, the correction) descend it there, which is the gradient of
     `min_x J(x; theta)` (envelope theorem: `grad_x J(x*) = 0`) and so the joint
     4D-Var gradient; the network descends the cost at its own output with the
-    model held, learning to start the refinement closer to the minimum."""
+    model held, learning to start the refinement closer to the minimum.
+    `analysis` (with `refine > 0`) replaces that refinement with an analysis refined
+    elsewhere: `train` keeps one per training window and refines it a little more
+    at every step (warm starts across steps, so that the iterations add up while
+    the parameters move; amortised bilevel optimisation, Arbel & Mairal, ICLR
+    2022)."""
     if refine == 0:
         return _window_cost(net, net(obs, background), obs, background, windows)
     held = _hold_model(net)
     x = held(obs, background)
-    x_star = refine_analysis(net, obs, background, x, steps=refine, cg_steps=refine_cg)
+    if analysis is None:
+        analysis = refine_analysis(
+            net, obs, background, x, steps=refine, cg_steps=refine_cg
+        )
+    x_star = jax.lax.stop_gradient(analysis)
     own = _window_cost(held, x, obs, background, windows)
     at_minimum = _window_cost(net, x_star, obs, background, windows)
     return at_minimum + own - jax.lax.stop_gradient(own)
@@ -251,12 +264,13 @@ def window_loss(
     windows: int = 1,
     refine: int = 0,
     refine_cg: int = 20,
+    analysis: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """A weighted sum of the named losses (`weights`, e.g. `{"masking": 1.0,
     "residual": 0.1}`) on one window, and each term. `fraction`, `by`: the masking
     loss's; `probes`: the evidence loss's log-determinant (0: exact); `windows`,
-    `refine`, `refine_cg`: the cost loss's (the windows that share one parameter
-    prior; the Gauss-Newton refinement of the output)."""
+    `refine`, `refine_cg`, `analysis`: the cost loss's (the windows that share one
+    parameter prior; the Gauss-Newton refinement of the output)."""
     terms = {}
     for name in weights:
         if name == "supervised":
@@ -275,6 +289,7 @@ def window_loss(
                 windows=windows,
                 refine=refine,
                 refine_cg=refine_cg,
+                analysis=analysis,
             )
         elif name == "evidence":
             terms[name] = evidence_loss(
@@ -302,6 +317,8 @@ def batch_loss(
     keys = jax.random.split(key, batch.size)
     windows = batch.size if windows is None else windows
     total, terms = jax.vmap(
-        lambda o, b, k: window_loss(net, o, b, key=k, windows=windows, **options)
-    )(batch.obs, batch.background, keys)
+        lambda o, b, a, k: window_loss(
+            net, o, b, key=k, windows=windows, analysis=a, **options
+        )
+    )(batch.obs, batch.background, batch.analysis, keys)
     return jnp.mean(total), jax.tree.map(jnp.mean, terms)

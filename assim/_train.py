@@ -17,7 +17,7 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import PyTree
 
-from ._losses import Batch, batch_loss
+from ._losses import Batch, batch_loss, refine_analysis
 from ._parallel import (
     batch_mesh,
     batch_sharding,
@@ -51,10 +51,13 @@ class TrainSettings:
     - `mask_fraction`, `mask_by`: the masking loss's hidden share and unit.
     - `evidence_probes`: the evidence loss's log-determinant (0: exact; `n > 0`:
       a stochastic gradient with `n` probe vectors, for large grids).
-    - `cost_refine`, `cost_refine_cg`: the cost loss's Gauss-Newton refinement of
-      the network's output (`cost_loss`'s `refine`, `refine_cg`; 0: none). With it
-      the physical parameters learn the joint 4D-Var estimate instead of absorbing
-      the network's error.
+    - `cost_refine`, `cost_refine_cg`: the cost loss's Gauss-Newton refinement
+      (`cost_loss`'s `refine`, `refine_cg`; 0: none). With it the physical
+      parameters learn the joint 4D-Var estimate instead of absorbing the network's
+      error. `train` keeps one refined analysis per training window, started at the
+      network's output and refined further at each step that draws the window
+      (warm starts: the iterations add up across steps); it is checkpointed with
+      the parameters, so a resumed run continues exactly.
     - `validate_every`, `checkpoint_every`: in steps (0: only at the end).
     - `seed`: batches and masks are drawn from `fold_in(seed, step)`, so that a
       resumed run draws what the uninterrupted run would have.
@@ -143,11 +146,14 @@ def _parameter_labels(params) -> PyTree[str]:
 
 
 class TrainState(eqx.Module):
-    """The trainable leaves, the optimiser state and the step count."""
+    """The trainable leaves, the optimiser state and the step count; `analyses`:
+    the refined cost loss's warm-started analyses, one per training window (`None`
+    without it)."""
 
     params: PyTree
     opt_state: PyTree
     step: jax.Array
+    analyses: jax.Array | None = None
 
 
 def _split(net: AbstractWindowNet):
@@ -178,9 +184,42 @@ def _draw(settings: TrainSettings, step, n: int):
     return index, key_loss
 
 
+def _warm_refined(settings: TrainSettings) -> bool:
+    """Whether training keeps warm-started refined analyses (the cost loss with
+    `cost_refine > 0`)."""
+    return settings.cost_refine > 0 and "cost" in dict(settings.losses)
+
+
+def _refine_batch(state: TrainState, static, batch: Batch, settings, index):
+    """The batch with its windows' stored analyses refined by `cost_refine`
+    Gauss-Newton iterations at the current parameters, and the updated store."""
+    if state.analyses is None or index is None:
+        return batch, state.analyses
+    net = eqx.combine(state.params, static)
+    analyses = jax.vmap(
+        lambda o, b, x: refine_analysis(
+            net, o, b, x, steps=settings.cost_refine, cg_steps=settings.cost_refine_cg
+        )
+    )(batch.obs, batch.background, state.analyses[index])
+    batch = eqx.tree_at(lambda b: b.analysis, batch, analyses, is_leaf=_is_none)
+    return batch, state.analyses.at[index].set(analyses)
+
+
+def _is_none(x):
+    return x is None
+
+
 def _update(
-    state: TrainState, static, batch: Batch, key, settings: TrainSettings, windows
+    state: TrainState,
+    static,
+    batch: Batch,
+    key,
+    settings: TrainSettings,
+    windows,
+    index=None,
 ):
+    batch, analyses = _refine_batch(state, static, batch, settings, index)
+
     def loss(params):
         net = eqx.combine(params, static)
         options = settings.loss_options()
@@ -194,7 +233,8 @@ def _update(
     finite = jnp.isfinite(value) & jnp.all(
         jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
     )
-    return TrainState(params, opt_state, state.step + 1), value, terms, finite
+    new = TrainState(params, opt_state, state.step + 1, analyses)
+    return new, value, terms, finite
 
 
 @eqx.filter_jit
@@ -206,7 +246,7 @@ def _train_step(
     # and the data they are drawn from are replicated, so XLA inserts the
     # gradient's all-reduce.
     batch = jax.lax.with_sharding_constraint(_select(data, index), sharding)
-    return _update(state, static, batch, key, settings, data.size)
+    return _update(state, static, batch, key, settings, data.size, index)
 
 
 @eqx.filter_jit
@@ -214,7 +254,8 @@ def _streamed_step(
     state: TrainState, static, batch: Batch, settings: TrainSettings, windows: int
 ):
     """A step on a batch read from a `WindowStream` (already split over devices);
-    `windows`: the stream's size."""
+    `windows`: the stream's size. A refined cost loss refines each window from the
+    network's output (no store of analyses for an archive larger than memory)."""
     _, key = _draw(settings, state.step, 1)
     return _update(state, static, batch, key, settings, windows)
 
@@ -346,6 +387,10 @@ def train(
     sharding = batch_sharding(mesh)
     state = init_state(net, settings)
     header = dict(header or {})
+    warm = _warm_refined(settings) and not isinstance(data, WindowStream)
+    if warm:  # the network's outputs start the refined analyses
+        analyses = _outputs(net, data) if not resume else _outputs_like(net, data)
+        state = eqx.tree_at(lambda s: s.analyses, state, analyses, is_leaf=_is_none)
     if resume:
         if checkpoint is None or not Path(checkpoint).is_file():
             raise FileNotFoundError(f"resume=true but no checkpoint at {checkpoint}")
@@ -417,6 +462,17 @@ def train(
         if batches is not None:
             batches.close()  # stops the reading thread
     return network(net, state), records
+
+
+@eqx.filter_jit
+def _outputs(net: AbstractWindowNet, data: Batch):
+    return jax.vmap(net)(data.obs, data.background)
+
+
+def _outputs_like(net: AbstractWindowNet, data: Batch):
+    """Zeros shaped as `_outputs` (a structure to load a checkpoint into)."""
+    shape = eqx.filter_eval_shape(_outputs, net, data)
+    return jnp.zeros(shape.shape, shape.dtype)
 
 
 def error_summary(error: BaseException) -> str:

@@ -396,15 +396,57 @@ def test_refined_cost_loss_learns_the_joint_4dvar_parameters(l96_windows, getkey
     np.testing.assert_allclose(step_grad(**refine), step_grad(), rtol=1e-10)
 
 
-def test_resume_continues_exactly(l96_windows, getkey, tmp_path):
-    """4 steps in one go == 2 steps, stop, resume to 4 (same draws, same state), and
-    the metrics log holds one record per step."""
+def test_refined_analyses_are_warm_started_across_steps(l96_windows, getkey, tmp_path):
+    """`train` keeps one refined analysis per window, started at the network's
+    output: with the model fixed (no learned parameters), 3 steps that each draw
+    every window leave the analyses 3 Gauss-Newton iterations refine the untrained
+    network's outputs to (Gauss-Newton keeps no state between iterations)."""
+    from assim import init_state, load_checkpoint, refine_analysis
+
+    l96, B, windows = l96_windows
+    data = windows_batch(windows[:2], (40,))
+    net = make_net(l96, B, getkey())
+    settings = TrainSettings(
+        steps=3,
+        batch_size=2,
+        validate_every=0,
+        checkpoint_every=0,
+        losses={"cost": 1.0},
+        cost_refine=1,
+        cost_refine_cg=8,
+    )
+    path = tmp_path / "ck.eqx"
+    train(net, data, settings, checkpoint=path)
+    like = init_state(net, settings)
+    like = eqx.tree_at(
+        lambda s: s.analyses, like, jnp.zeros((2, 40)), is_leaf=lambda x: x is None
+    )
+    state, _ = load_checkpoint(path, like)
+    for i in range(2):
+        obs = jax.tree.map(lambda a, i=i: a[i], data.obs)
+        background = data.background[i]
+        x = net(obs, background)
+        expected = refine_analysis(net, obs, background, x, steps=3, cg_steps=8)
+        assert not np.allclose(expected, x, atol=1e-3)
+        np.testing.assert_allclose(state.analyses[i], expected, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("refined", [False, True])
+def test_resume_continues_exactly(l96_windows, getkey, tmp_path, refined):
+    """4 steps in one go == 2 steps, stop, resume to 4 (same draws, same state, the
+    refined cost loss's stored analyses included), and the metrics log holds one
+    record per step."""
     l96, B, windows = l96_windows
     data = windows_batch(windows, (40,))
-    net = make_net(l96, B, getkey(), momentum=True)
     common = dict(
         batch_size=2, validate_every=0, checkpoint_every=1, losses={"masking": 1.0}
     )
+    options = dict(momentum=True)
+    if refined:
+        losses = {"masking": 1.0, "cost": 0.1}
+        common.update(losses=losses, cost_refine=1, cost_refine_cg=5)
+        options.update(theta=jnp.asarray(0.05), set_parameters=set_forcing)
+    net = make_net(l96, B, getkey(), **options)
     full, _ = train(net, data, TrainSettings(steps=4, **common))
     path, log = tmp_path / "ck.eqx", tmp_path / "log.jsonl"
     train(net, data, TrainSettings(steps=2, **common), checkpoint=path, log=log)

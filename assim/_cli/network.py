@@ -130,5 +130,7 @@ def load_network(path):
         seed=header["seed"],
     )
     settings = training_settings(header["training"], header["seed"])
+    # The leaves are read in order and the network's come first: a refined cost
+    # loss's stored analyses (the state's last leaf) are left unread.
     state, _ = load_checkpoint(path, init_state(net, settings))
     return network(net, state), parameter, header
