@@ -28,13 +28,17 @@ def _logit(p):
     return float(np.log(p / (1 - p)))
 
 
-def _check_learnable(simulator, theta, set_parameters, derivative: str):
+def _check_learnable(simulator, theta, set_parameters, derivative: str | None):
     """The checks every window network makes: learned parameters come with the map
-    that places them, and the simulator supports the second-order derivative
-    (`derivative` says which) that training needs."""
+    that places them, and the simulator supports the second-order derivative that
+    training needs. `derivative` names it when it is forward over reverse, which the
+    Newton-Krylov implicit adjoint does not support (its reverse over reverse is
+    supported: `None`)."""
     if (theta is None) != (set_parameters is None):
         raise ValueError("theta and set_parameters go together")
-    if isinstance(getattr(simulator.scheme, "solver", None), NewtonKrylov):
+    if derivative is not None and isinstance(
+        getattr(simulator.scheme, "solver", None), NewtonKrylov
+    ):
         raise ValueError(
             f"{derivative}, which the Newton-Krylov implicit adjoint does not "
             "support: use an IMEX or explicit scheme (e.g. simulators.IMEXRungeKutta)"
@@ -187,12 +191,8 @@ class UnrolledVar(AbstractWindowNet):
             raise ValueError(f"prior must be None, 'proximal' or 'pnp', got {prior!r}")
         if checkpoints is not None and checkpoints < 1:
             raise ValueError(f"checkpoints must be None or >= 1, got {checkpoints}")
-        _check_learnable(
-            simulator,
-            theta,
-            set_parameters,
-            "unrolled networks differentiate the adjoint (reverse over reverse)",
-        )
+        # Training differentiates the adjoint in each layer (reverse over reverse).
+        _check_learnable(simulator, theta, set_parameters, None)
         grid = simulator.model.grid
         dtype = jnp.zeros(()).dtype
         k_prior, k_solver, k_warm = jax.random.split(key, 3)

@@ -7,6 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
+import numpy as np
 import optimistix as optx
 from jaxtyping import Array, Int
 
@@ -68,9 +69,9 @@ class NewtonKrylov(eqx.Module):
     for `z` with `optimistix.Newton` whose linear solves are lineax Krylov solves on the
     Jacobian-vector product, and returns `v = P z`. No matrix is formed.
 
-    The gradient comes from the implicit function theorem
-    (`optimistix.ImplicitAdjoint` with a Krylov solver): one matrix-free transpose solve
-    per stage, whatever the number of Newton or Krylov iterations. `adjoint="unrolled"`
+    The gradient comes from the implicit function theorem: one matrix-free Krylov
+    transpose solve per stage, whatever the number of Newton or Krylov iterations;
+    derivatives of any order and mode but forward over reverse (`_implicit_root`). `adjoint="unrolled"`
     instead differentiates through the Newton iterations (checkpointed); it exists to
     verify the implicit gradient and costs memory that grows with the iterations.
 
@@ -148,21 +149,105 @@ class NewtonKrylov(eqx.Module):
         # residual still gets a Newton step.
         inner = _krylov(self.krylov, self.krylov_tol, 0.1 * atol, steps, restart)
         solver = optx.Newton(rtol=rtol, atol=atol, linear_solver=inner)
+        args = (model, correction, rhs, eta)
         if self.adjoint == "implicit":
             transpose = _krylov(self.krylov, adj_tol, adj_tol, steps, restart)
-            adjoint = optx.ImplicitAdjoint(linear_solver=ScaleInvariant(transpose))
+            z, n_steps = _implicit_root(
+                solver, ScaleInvariant(transpose), self.max_steps, args
+            )
         else:
-            adjoint = optx.RecursiveCheckpointAdjoint()
+            sol = optx.root_find(
+                _stage_residual,
+                solver,
+                rhs,
+                args=args,
+                max_steps=self.max_steps,
+                adjoint=optx.RecursiveCheckpointAdjoint(),
+                throw=True,
+            )
+            z, n_steps = sol.value, sol.stats["num_steps"]
+        return model.preconditioner(z, eta), n_steps
+
+
+def _implicit_root(solver, linear_solver, max_steps: int, args):
+    """`(z, Newton steps)` with `_stage_residual(z, args) = 0`, differentiated by the
+    implicit function theorem, to any order and in both modes.
+
+    Forward mode (`custom_jvp`): one tangent solve `F_z dz = -F_args dargs`. Reverse
+    mode comes from transposing it: one transpose solve. This is what
+    `optimistix.ImplicitAdjoint` does, but inside a `lax.scan` (the time loop) JAX's
+    partial evaluation inlines a `custom_jvp` whose inputs are unknown and so drops
+    its rule when a reverse-mode derivative is itself differentiated in reverse (the
+    training of an unrolled network, whose layers hold the cost's gradient): it then
+    reaches the Newton while loop, which has no transpose. The primal is therefore
+    also a `custom_vjp` (one transpose solve, itself differentiable: lineax solves
+    have derivative rules) that partial evaluation keeps. Forward over reverse still
+    reaches that `custom_vjp` and is refused by JAX.
+
+    The Newton solve is rematerialised (`jax.checkpoint`): without it JAX (0.10)
+    hands the `custom_vjp`'s backward pass misaligned residuals inside a scan.
+    """
+    dynamic, static = eqx.partition(args, eqx.is_array)
+
+    def residual(z, dyn):
+        return _stage_residual(z, eqx.combine(dyn, static))
+
+    @jax.checkpoint
+    def newton(dyn):
+        rhs = eqx.combine(dyn, static)[2]
         sol = optx.root_find(
-            _stage_residual,
-            solver,
-            rhs,
-            args=(model, correction, rhs, eta),
-            max_steps=self.max_steps,
-            adjoint=adjoint,
-            throw=True,
+            residual, solver, rhs, dyn, max_steps=max_steps, throw=True
         )
-        return model.preconditioner(sol.value, eta), sol.stats["num_steps"]
+        return sol.value, sol.stats["num_steps"]
+
+    def no_tangent(n_steps):
+        return np.zeros(jnp.shape(n_steps), jax.dtypes.float0)
+
+    @jax.custom_vjp
+    def root_vjp(dyn):
+        return newton(dyn)
+
+    def root_fwd(dyn):
+        z, n_steps = root_vjp(dyn)
+        return (z, n_steps), (z, dyn)
+
+    def root_bwd(res, cotangents):
+        z, dyn = res
+        ct_z, _ = cotangents
+        operator = lx.JacobianLinearOperator(residual, z, dyn).T
+        lam = lx.linear_solve(operator, ct_z, linear_solver).value
+        _, vjp = jax.vjp(lambda d: residual(z, d), dyn)
+        (ct_dyn,) = vjp(-lam)
+        return (ct_dyn,)
+
+    root_vjp.defvjp(root_fwd, root_bwd)
+
+    @jax.custom_jvp
+    def root(dyn):
+        return root_vjp(dyn)
+
+    def root_jvp(primals, tangents):
+        ((dyn,), (t_dyn,)) = primals, tangents
+        z, n_steps = root(dyn)
+        # Symbolic zeros: only the inputs with tangents are differentiated (instantiated
+        # zeros for the model's constants double the cost of a tangent-linear rollout).
+        nonzero = jax.tree.map(lambda t: not _is_zero(t), t_dyn, is_leaf=_is_zero)
+        diff, fixed = eqx.partition(dyn, nonzero)
+        t_diff = eqx.filter(t_dyn, nonzero, is_leaf=_is_zero)
+        _, t_residual = jax.jvp(
+            lambda d: residual(z, eqx.combine(d, fixed)), (diff,), (t_diff,)
+        )
+        operator = lx.JacobianLinearOperator(residual, z, dyn)
+        t_z = -lx.linear_solve(operator, t_residual, linear_solver).value
+        return (z, n_steps), (t_z, no_tangent(n_steps))
+
+    root.defjvp(root_jvp, symbolic_zeros=True)
+
+    return root(dynamic)
+
+
+def _is_zero(tangent) -> bool:
+    return isinstance(tangent, jax.custom_derivatives.SymbolicZero)
 
 
 def _stage_residual(z, args):

@@ -106,6 +106,44 @@ def test_taylor_scalar_parameter(name, field):
     _assert_taylor(*taylor_remainders(loss, x, jnp.ones_like(x) * x, HS))
 
 
+@pytest.mark.parametrize(
+    "name", ["burgers1d-periodic-cn", "ad2d-periodic-be", "l96-midpoint"]
+)
+def test_second_derivatives_through_newton_krylov(name, getkey):
+    """Hessian-vector products of a rollout loss in `(u0, parameters)` through the
+    Newton-Krylov stages, reverse over reverse and reverse over forward, against
+    central differences of the gradient (float64). Forward over reverse is refused
+    by JAX (the stage's reverse rule is a `custom_vjp`)."""
+    simulator = dict(CASES)[name]
+    dyn, static = eqx.partition(simulator, eqx.is_inexact_array)
+    x = (smooth_state(simulator.model.grid), dyn)
+
+    def loss(x):
+        u0, d = x
+        return _rollout_loss(eqx.combine(d, static), n_steps=3)(u0)
+
+    v, w = _random_like(x, getkey()), _random_like(x, getkey())
+
+    def dot(a, b):
+        pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+        return sum(jnp.vdot(p, q) for p, q in pairs)
+
+    grad = jax.jit(jax.grad(loss))
+    rev_rev = jax.jit(jax.grad(lambda x: dot(jax.grad(loss)(x), v)))(x)
+    rev_fwd = jax.jit(jax.grad(lambda x: jax.jvp(loss, (x,), (v,))[1]))(x)
+    eps = 1e-5
+
+    def shifted(sign):
+        return grad(jax.tree.map(lambda a, b: a + sign * eps * b, x, v))
+
+    fd = dot(jax.tree.map(lambda a, b: (a - b) / (2 * eps), shifted(1), shifted(-1)), w)
+    # Central differences: O(eps^2) truncation, O(1e-16 / eps) round-off.
+    np.testing.assert_allclose(dot(rev_rev, w), fd, rtol=1e-6)
+    np.testing.assert_allclose(dot(rev_fwd, w), fd, rtol=1e-6)
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(jax.grad(loss), (x,), (v,))
+
+
 @pytest.mark.parametrize("name", ["ad1d-dirichlet-cn", "ad2d-periodic-be"])
 def test_taylor_kappa_field(name, getkey):
     simulator = dict(CASES)[name]
