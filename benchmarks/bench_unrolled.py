@@ -144,37 +144,55 @@ def select(batch, index):
     return jax.tree.map(lambda a: a[index], batch)
 
 
+class Timed:
+    """`method(obs, background) -> trajectory` jitted two ways, compiled: one window
+    per call (latency) and all windows of `data` in one vmapped call (throughput,
+    without the per-call dispatch). Each `time()` is one pass of both; the minima
+    over passes are kept."""
+
+    def __init__(self, method, data):
+        self.data = data
+        self.windows = [
+            (select(data.obs, i), data.background[i]) for i in range(data.size)
+        ]
+        self.fn = eqx.filter_jit(method)
+        self.batched = eqx.filter_jit(eqx.filter_vmap(method))
+        jax.block_until_ready(self.fn(*self.windows[0]))
+        jax.block_until_ready(self.batched(data.obs, data.background))
+        self.per_window = self.per_window_batched = np.inf
+        self.trajectories = None
+
+    def time(self):
+        t0 = time.perf_counter()
+        trajectories = [jax.block_until_ready(self.fn(*w)) for w in self.windows]
+        elapsed = (time.perf_counter() - t0) / self.data.size
+        self.per_window = min(self.per_window, elapsed)
+        self.trajectories = trajectories
+        t0 = time.perf_counter()
+        jax.block_until_ready(self.batched(self.data.obs, self.data.background))
+        elapsed = (time.perf_counter() - t0) / self.data.size
+        self.per_window_batched = min(self.per_window_batched, elapsed)
+
+    def result(self):
+        """`(rmse, its standard error over windows, seconds per window, seconds per
+        window in a batch, analyses)`."""
+        trajectories = np.stack([np.asarray(t) for t in self.trajectories])
+        truth = np.asarray(self.data.obs.truth)
+        per = np.sqrt(
+            np.mean((trajectories - truth) ** 2, axis=tuple(range(1, truth.ndim)))
+        )
+        rmse = float(np.sqrt(np.mean(per**2)))
+        error = float(per.std(ddof=1) / np.sqrt(len(per))) if len(per) > 1 else np.nan
+        return rmse, error, self.per_window, self.per_window_batched, trajectories
+
+
 def evaluate(method, data, repeats=None):
-    """`(rmse, its standard error over windows, seconds per window, seconds per
-    window in a batch, analyses)` of `method(obs, background) -> trajectory`:
-    jitted, one window at a time after a compiling call (latency), and all windows
-    in one vmapped call (throughput, without the per-call dispatch); each the best
-    of `repeats` passes (default `--repeats`)."""
-    repeats = REPEATS if repeats is None else repeats
-    fn = eqx.filter_jit(method)
-    jax.block_until_ready(fn(select(data.obs, 0), data.background[0]))
-    windows = [(select(data.obs, i), data.background[i]) for i in range(data.size)]
-    per_window = np.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        trajectories = [jax.block_until_ready(fn(*window)) for window in windows]
-        per_window = min(per_window, (time.perf_counter() - t0) / data.size)
-    batched = eqx.filter_jit(jax.vmap(method))
-    jax.block_until_ready(batched(data.obs, data.background))
-    per_window_batched = np.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(batched(data.obs, data.background))
-        elapsed = (time.perf_counter() - t0) / data.size
-        per_window_batched = min(per_window_batched, elapsed)
-    trajectories = np.stack([np.asarray(t) for t in trajectories])
-    truth = np.asarray(data.obs.truth)
-    per = np.sqrt(
-        np.mean((trajectories - truth) ** 2, axis=tuple(range(1, truth.ndim)))
-    )
-    rmse = float(np.sqrt(np.mean(per**2)))
-    error = float(per.std(ddof=1) / np.sqrt(len(per))) if len(per) > 1 else np.nan
-    return rmse, error, per_window, per_window_batched, trajectories
+    """`Timed(method, data).result()` after the best of `repeats` passes (default
+    `--repeats`)."""
+    timed = Timed(method, data)
+    for _ in range(REPEATS if repeats is None else repeats):
+        timed.time()
+    return timed.result()
 
 
 CACHE: Path | None = None  # --cache DIR: trained networks kept between runs
@@ -264,9 +282,16 @@ def print_table(title, header, rows):
 
 
 def comparison_rows(methods, test, repeats=None):
+    """Table rows of `methods` on `test`. The passes are interleaved (each pass
+    times every method once) so that the machine's slow spells fall on all of them
+    alike and the time ratios are measured side by side."""
+    timed = [(name, Timed(method, test)) for name, method in methods]
+    for _ in range(REPEATS if repeats is None else repeats):
+        for _, t in timed:
+            t.time()
     rows = []
-    for name, method in methods:
-        rmse, err, per, batched, _ = evaluate(method, test, repeats)
+    for name, t in timed:
+        rmse, err, per, batched, _ = t.result()
         rows.append(
             (
                 name,
