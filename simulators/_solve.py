@@ -71,9 +71,10 @@ class NewtonKrylov(eqx.Module):
 
     The gradient comes from the implicit function theorem: one matrix-free Krylov
     transpose solve per stage, whatever the number of Newton or Krylov iterations;
-    derivatives of any order and mode but forward over reverse (`_implicit_root`). `adjoint="unrolled"`
-    instead differentiates through the Newton iterations (checkpointed); it exists to
-    verify the implicit gradient and costs memory that grows with the iterations.
+    derivatives of any order and mode but forward over reverse (`_implicit_root`).
+    `adjoint="unrolled"` instead differentiates through the Newton iterations
+    (checkpointed); it exists to verify the implicit gradient and costs memory that
+    grows with the iterations.
 
     A solve that does not converge raises an error (`throw=True`): a non-converged
     solve would make the implicit gradient wrong.
