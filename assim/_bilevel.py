@@ -13,7 +13,7 @@ import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from simulators import Simulator
+from simulators import NewtonKrylov, Simulator
 
 from ._covariance import AbstractCovariance
 from ._observations import ObservationSet
@@ -110,13 +110,14 @@ class BilevelVar(AbstractWindowNet):
             raise ValueError(
                 f"hypergradient must be 'implicit' or 'unrolled', got {hypergradient!r}"
             )
-        _check_learnable(
-            simulator,
-            theta,
-            set_parameters,
-            "bilevel hypergradients need Hessian-vector products (forward over "
-            "reverse through the adjoint)",
-        )
+        _check_learnable(theta, set_parameters)
+        if isinstance(getattr(simulator.scheme, "solver", None), NewtonKrylov):
+            raise ValueError(
+                "bilevel hypergradients need Hessian-vector products (forward over "
+                "reverse through the adjoint), which the Newton-Krylov implicit "
+                "adjoint does not support: use an IMEX or explicit scheme (e.g. "
+                "simulators.IMEXRungeKutta)"
+            )
         dtype = jnp.zeros(()).dtype
         self.simulator = simulator
         self.background_covariance = background_covariance

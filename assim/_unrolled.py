@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from simulators import NewtonKrylov, Simulator
+from simulators import Simulator
 
 from ._covariance import AbstractCovariance
 from ._networks import (
@@ -28,21 +28,10 @@ def _logit(p):
     return float(np.log(p / (1 - p)))
 
 
-def _check_learnable(simulator, theta, set_parameters, derivative: str | None):
-    """The checks every window network makes: learned parameters come with the map
-    that places them, and the simulator supports the second-order derivative that
-    training needs. `derivative` names it when it is forward over reverse, which the
-    Newton-Krylov implicit adjoint does not support (its reverse over reverse is
-    supported: `None`)."""
+def _check_learnable(theta, set_parameters):
+    """Learned parameters come with the map that places them."""
     if (theta is None) != (set_parameters is None):
         raise ValueError("theta and set_parameters go together")
-    if derivative is not None and isinstance(
-        getattr(simulator.scheme, "solver", None), NewtonKrylov
-    ):
-        raise ValueError(
-            f"{derivative}, which the Newton-Krylov implicit adjoint does not "
-            "support: use an IMEX or explicit scheme (e.g. simulators.IMEXRungeKutta)"
-        )
 
 
 class AbstractWindowNet(eqx.Module):
@@ -191,8 +180,9 @@ class UnrolledVar(AbstractWindowNet):
             raise ValueError(f"prior must be None, 'proximal' or 'pnp', got {prior!r}")
         if checkpoints is not None and checkpoints < 1:
             raise ValueError(f"checkpoints must be None or >= 1, got {checkpoints}")
-        # Training differentiates the adjoint in each layer (reverse over reverse).
-        _check_learnable(simulator, theta, set_parameters, None)
+        # Training differentiates the adjoint in each layer (reverse over reverse),
+        # which every scheme supports, Newton-Krylov stages included.
+        _check_learnable(theta, set_parameters)
         grid = simulator.model.grid
         dtype = jnp.zeros(()).dtype
         k_prior, k_solver, k_warm = jax.random.split(key, 3)
