@@ -9,6 +9,7 @@ from typing import Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
@@ -27,6 +28,48 @@ def _inner_cost(v, args):
     return net.cost(v, obs, background)
 
 
+def _no_gradient(tree):
+    return jtu.tree_map(
+        lambda x: jax.lax.stop_gradient(x) if eqx.is_inexact_array(x) else x, tree
+    )
+
+
+@eqx.filter_custom_vjp
+def _implicit_minimum(args, v, linear_solver):
+    """The identity on a converged minimiser `v*` of `_inner_cost(., args)`, whose
+    reverse-mode rule is the implicit function theorem with the Hessian applied by
+    reverse over reverse: `lambda = H^{-1} ct` (CG, `H w` as the vector-Jacobian
+    product of `grad_v J` at `v*`, `H` symmetric), then
+    `args_bar = -(d grad_v J / d args)^T lambda`."""
+    del args, linear_solver
+    return v
+
+
+@_implicit_minimum.def_fwd
+def _implicit_minimum_fwd(perturbed, args, v, linear_solver):
+    del perturbed, args, linear_solver
+    return v, None
+
+
+@_implicit_minimum.def_bwd
+def _implicit_minimum_bwd(residuals, ct, perturbed, args, v, linear_solver):
+    del residuals
+    dyn, static = eqx.partition(args, perturbed)
+    if ct is None:
+        return jtu.tree_map(lambda _: None, args)
+
+    def gradient(u, d):
+        return jax.grad(_inner_cost)(u, eqx.combine(d, static))
+
+    _, hessian_vjp = jax.vjp(lambda u: gradient(u, dyn), v)
+    hessian = lx.FunctionLinearOperator(
+        lambda w: hessian_vjp(w)[0], jax.eval_shape(lambda: v), tags=_HESSIAN_TAGS
+    )
+    lam = lx.linear_solve(hessian, ct, linear_solver).value
+    _, args_vjp = jax.vjp(lambda d: gradient(v, d), dyn)
+    return args_vjp(-lam)[0]
+
+
 class BilevelVar(AbstractWindowNet):
     """Strong-constraint 4D-Var run to convergence as a differentiable layer.
 
@@ -38,12 +81,12 @@ class BilevelVar(AbstractWindowNet):
     `x_0* = x_b + s B^{1/2} v*`. Its derivative with respect to the hyperparameters
     `h = (log s, theta, correction)` is not obtained by differentiating the solver's
     iterations: at the minimum `grad_v J(v*, h) = 0`, so by the implicit function
-    theorem `dv*/dh = -(grad_vv J)^{-1} grad_vh J`. `optx.ImplicitAdjoint` solves that
-    system with lineax conjugate gradients on the Hessian, applied matrix-free as
-    Hessian-vector products (forward over reverse through the simulator's adjoint);
-    the Hessian is symmetric positive definite at a minimum (the `|v|^2 / 2` term),
-    which is what CG needs and what makes the operator its own transpose in the
-    backward pass. Memory does not grow with the number of inner iterations. See
+    theorem `dv*/dh = -(grad_vv J)^{-1} grad_vh J`. That system is solved with
+    lineax conjugate gradients on the Hessian, applied matrix-free as Hessian-vector
+    products through the simulator's adjoint; the Hessian is symmetric positive
+    definite at a minimum (the `|v|^2 / 2` term), which is what CG needs and what
+    makes the operator its own transpose in the backward pass. Memory does not grow
+    with the number of inner iterations. See
     e.g. Kunisch & Pock, SIAM J. Imaging Sci. 6 (2013) for bilevel learning of
     variational regularisers.
 
@@ -66,6 +109,13 @@ class BilevelVar(AbstractWindowNet):
       through the inner solver's iterations (optimistix's recursively checkpointed
       adjoint), for comparison; it needs the same converged solve and stores
       iterates.
+    - `hessian`: how the Hessian-vector products are formed. `"forward"`: forward
+      over reverse, inside `optx.ImplicitAdjoint` (the cheaper one); `"reverse"`:
+      reverse over reverse, in this module's own implicit-function-theorem rule
+      (one linearisation of `grad_v J` at `v*`, reused by every CG iteration). The
+      default, `None`, picks `"reverse"` for fully implicit (Newton-Krylov) schemes,
+      whose stage solves JAX cannot differentiate forward over reverse, and
+      `"forward"` otherwise.
     - `throw`: `False` returns the iterate reached at `max_steps` instead of raising
       (4D-Var truncated after `max_steps` iterations; its hypergradient is then
       not the exact one).
@@ -82,6 +132,7 @@ class BilevelVar(AbstractWindowNet):
     scale: float = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
     hypergradient: str = eqx.field(static=True)
+    hessian: str = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
 
     def __init__(
@@ -100,6 +151,7 @@ class BilevelVar(AbstractWindowNet):
         cg_rtol: float = 1e-6,
         cg_max_steps: int = 200,
         hypergradient: Literal["implicit", "unrolled"] = "implicit",
+        hessian: Literal["forward", "reverse"] | None = None,
         throw: bool = True,
     ):
         if background_scale <= 0:
@@ -111,12 +163,18 @@ class BilevelVar(AbstractWindowNet):
                 f"hypergradient must be 'implicit' or 'unrolled', got {hypergradient!r}"
             )
         _check_learnable(theta, set_parameters)
-        if isinstance(getattr(simulator.scheme, "solver", None), NewtonKrylov):
+        newton_krylov = isinstance(
+            getattr(simulator.scheme, "solver", None), NewtonKrylov
+        )
+        if hessian is None:
+            hessian = "reverse" if newton_krylov else "forward"
+        if hessian not in ("forward", "reverse"):
+            raise ValueError(f"hessian must be 'forward' or 'reverse', got {hessian!r}")
+        if hessian == "forward" and newton_krylov:
             raise ValueError(
-                "bilevel hypergradients need Hessian-vector products (forward over "
-                "reverse through the adjoint), which the Newton-Krylov implicit "
-                "adjoint does not support: use an IMEX or explicit scheme (e.g. "
-                "simulators.IMEXRungeKutta)"
+                "hessian='forward' (forward over reverse) cannot differentiate the "
+                "Newton-Krylov stage solves of a fully implicit scheme: use "
+                "hessian='reverse'"
             )
         dtype = jnp.zeros(()).dtype
         self.simulator = simulator
@@ -132,6 +190,7 @@ class BilevelVar(AbstractWindowNet):
         self.scale = float(scale)
         self.max_steps = int(max_steps)
         self.hypergradient = hypergradient
+        self.hessian = hessian
         self.throw = bool(throw)
 
     def trainable(self) -> PyTree[bool]:
@@ -146,12 +205,19 @@ class BilevelVar(AbstractWindowNet):
 
     def cost(self, v, obs: ObservationSet, background) -> Float[Array, ""]:
         """The inner cost `|v|^2 / 2 + J_o(x_b + s B^{1/2} v)`; `inf` where the
-        rollout blows up, so that the line search backs off from a trial step the
-        model cannot integrate instead of stopping the run."""
+        rollout blows up or an implicit stage solve fails, so that the line search
+        backs off from a trial step the model cannot integrate instead of stopping
+        the run."""
         x0 = self.initial_state(v, background)
         simulator = dataclasses.replace(self.model(), check_finite=False)
-        value = 0.5 * jnp.sum(v**2) + self.observation_cost(x0, obs, simulator)
-        return jnp.where(jnp.isfinite(value), value, jnp.inf)
+        states = self.trajectory(x0, obs.n_times, simulator)
+        finite = jnp.all(jnp.isfinite(states))
+        # A non-finite rollout is replaced before the cost, so that the gradient at
+        # that trial point (which the line search computes, then discards) is finite:
+        # NaN cotangents would reach the implicit stages' adjoint solves.
+        r = obs.innovations(jnp.where(finite, states, 0.0))
+        value = 0.5 * jnp.sum(v**2) + 0.5 * jnp.sum(r**2)
+        return jnp.where(finite & jnp.isfinite(value), value, jnp.inf)
 
     def solve(
         self, obs: ObservationSet, background, *, throw: bool | None = None
@@ -159,20 +225,26 @@ class BilevelVar(AbstractWindowNet):
         """The inner minimisation from `v = 0`, with the implicit adjoint (or the
         unrolled one). `throw` overrides the network's: `False` returns the
         iterate at `max_steps` with its result code instead of raising."""
-        if self.hypergradient == "implicit":
-            adjoint = optx.ImplicitAdjoint(linear_solver=self.hypergradient_solver)
-        else:
+        args = (self, obs, background)
+        own_rule = self.hypergradient == "implicit" and self.hessian == "reverse"
+        if self.hypergradient == "unrolled":
             adjoint = optx.RecursiveCheckpointAdjoint()
-        return optx.minimise(
+        else:
+            adjoint = optx.ImplicitAdjoint(linear_solver=self.hypergradient_solver)
+        solution = optx.minimise(
             _inner_cost,
             self.solver,
             jnp.zeros_like(background),
-            (self, obs, background),
+            _no_gradient(args) if own_rule else args,
             max_steps=self.max_steps,
             adjoint=adjoint,
             throw=self.throw if throw is None else throw,
             tags=_HESSIAN_TAGS,
         )
+        if not own_rule:
+            return solution
+        v = _implicit_minimum(args, solution.value, self.hypergradient_solver)
+        return eqx.tree_at(lambda s: s.value, solution, v)
 
     def __call__(self, obs: ObservationSet, background: Array) -> Array:
         return self.initial_state(self.solve(obs, background).value, background)

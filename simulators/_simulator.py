@@ -1,3 +1,4 @@
+import dataclasses
 from collections.abc import Callable
 
 import equinox as eqx
@@ -9,6 +10,7 @@ from jaxtyping import Array, Float
 
 from ._model import AbstractModel, is_concrete
 from ._schemes.base import AbstractScheme
+from ._solve import NewtonKrylov
 
 
 class Simulator(eqx.Module):
@@ -39,8 +41,10 @@ class Simulator(eqx.Module):
       forward-mode derivatives (JVPs, Hessian-vector products) through such a
       rollout. `None` (default): a plain `lax.scan`.
     - `check_finite`: `rollout` raises on a non-finite trajectory (the default).
-      `False` returns it as is, for optimisers whose line search backs off from an
-      infinite cost (e.g. the inner 4D-Var of `assim.BilevelVar`).
+      `False` returns it as is, and a failed Newton-Krylov stage solve gives NaN
+      instead of raising, for optimisers whose line search backs off from an
+      infinite cost (e.g. the inner 4D-Var of `assim.BilevelVar`, whose first trial
+      steps can be far too long for the implicit solves).
     """
 
     model: AbstractModel
@@ -102,8 +106,15 @@ class Simulator(eqx.Module):
         n_steps, every = int(n_steps), int(every)
         u0 = self.model.check_state(u0)
 
+        scheme = self.scheme
+        if not self.check_finite and isinstance(
+            getattr(scheme, "solver", None), NewtonKrylov
+        ):
+            solver = dataclasses.replace(scheme.solver, throw=False)
+            scheme = dataclasses.replace(scheme, solver=solver)
+
         def step(u):
-            return self.scheme.step(self.model, u, self.dt, self.correction)
+            return scheme.step(self.model, u, self.dt, self.correction)
 
         if self.checkpoint:
             step = jax.checkpoint(step)

@@ -95,6 +95,10 @@ class NewtonKrylov(eqx.Module):
     - `krylov_max_steps`, `restart`: Krylov iteration cap and GMRES restart length
       (lineax checks convergence once per restart cycle: keep it short).
     - `adjoint`: `"implicit"` (default) or `"unrolled"`.
+    - `throw`: `False` returns NaN for a stage whose solve fails instead of raising,
+      and its derivatives' solves do not raise either: for optimisers whose line
+      search backs off from an infinite cost (`Simulator(check_finite=False)` sets
+      it).
     """
 
     rtol: float | None = None
@@ -108,6 +112,7 @@ class NewtonKrylov(eqx.Module):
     adjoint: Literal["implicit", "unrolled"] = eqx.field(
         static=True, default="implicit"
     )
+    throw: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
         for name in ("rtol", "atol", "krylov_tol", "adjoint_tol"):
@@ -154,7 +159,7 @@ class NewtonKrylov(eqx.Module):
         if self.adjoint == "implicit":
             transpose = _krylov(self.krylov, adj_tol, adj_tol, steps, restart)
             z, n_steps = _implicit_root(
-                solver, ScaleInvariant(transpose), self.max_steps, args
+                solver, ScaleInvariant(transpose), self.max_steps, args, self.throw
             )
         else:
             sol = optx.root_find(
@@ -164,13 +169,18 @@ class NewtonKrylov(eqx.Module):
                 args=args,
                 max_steps=self.max_steps,
                 adjoint=optx.RecursiveCheckpointAdjoint(),
-                throw=True,
+                throw=self.throw,
             )
-            z, n_steps = sol.value, sol.stats["num_steps"]
+            z, n_steps = _nan_if_failed(sol), sol.stats["num_steps"]
         return model.preconditioner(z, eta), n_steps
 
 
-def _implicit_root(solver, linear_solver, max_steps: int, args):
+def _nan_if_failed(sol: optx.Solution) -> Array:
+    failed = sol.result != optx.RESULTS.successful
+    return jnp.where(failed, jnp.nan, sol.value)
+
+
+def _implicit_root(solver, linear_solver, max_steps: int, args, throw: bool = True):
     """`(z, Newton steps)` with `_stage_residual(z, args) = 0`, differentiated by the
     implicit function theorem, to any order and in both modes.
 
@@ -187,6 +197,8 @@ def _implicit_root(solver, linear_solver, max_steps: int, args):
 
     The Newton solve is rematerialised (`jax.checkpoint`): without it JAX (0.10)
     hands the `custom_vjp`'s backward pass misaligned residuals inside a scan.
+
+    `throw=False`: a failed solve gives NaN, and the derivative solves do not raise.
     """
     dynamic, static = eqx.partition(args, eqx.is_array)
 
@@ -197,9 +209,9 @@ def _implicit_root(solver, linear_solver, max_steps: int, args):
     def newton(dyn):
         rhs = eqx.combine(dyn, static)[2]
         sol = optx.root_find(
-            residual, solver, rhs, dyn, max_steps=max_steps, throw=True
+            residual, solver, rhs, dyn, max_steps=max_steps, throw=throw
         )
-        return sol.value, sol.stats["num_steps"]
+        return _nan_if_failed(sol), sol.stats["num_steps"]
 
     def no_tangent(n_steps):
         return np.zeros(jnp.shape(n_steps), jax.dtypes.float0)
@@ -212,11 +224,35 @@ def _implicit_root(solver, linear_solver, max_steps: int, args):
         z, n_steps = root_vjp(dyn)
         return (z, n_steps), (z, dyn)
 
+    def guarded(z, solve, vector):
+        """`solve(z, vector)`; with `throw=False` and a failed (NaN) `z`, zero, and no
+        solve sees a non-finite input, in either direction: lineax's transpose of a
+        solve raises on one whatever `throw` says. (The primal is NaN: a cost built
+        on it is infinite and a line search backs off.)"""
+        if throw:
+            return solve(z, vector)
+        failed = ~jnp.all(jnp.isfinite(z))
+
+        def clean(tree):
+            return jax.tree.map(lambda a: jnp.where(failed, 0.0, a), tree)
+
+        return clean(solve(jnp.where(failed, 0.0, z), clean(vector)))
+
     def root_bwd(res, cotangents):
         z, dyn = res
         ct_z, _ = cotangents
-        operator = lx.JacobianLinearOperator(residual, z, dyn).T
-        lam = lx.linear_solve(operator, ct_z, linear_solver).value
+        lam = guarded(
+            z,
+            lambda z, ct: (
+                lx.linear_solve(
+                    lx.JacobianLinearOperator(residual, z, dyn).T,
+                    ct,
+                    linear_solver,
+                    throw=throw,
+                ).value
+            ),
+            ct_z,
+        )
         _, vjp = jax.vjp(lambda d: residual(z, d), dyn)
         (ct_dyn,) = vjp(-lam)
         return (ct_dyn,)
@@ -238,8 +274,18 @@ def _implicit_root(solver, linear_solver, max_steps: int, args):
         _, t_residual = jax.jvp(
             lambda d: residual(z, eqx.combine(d, fixed)), (diff,), (t_diff,)
         )
-        operator = lx.JacobianLinearOperator(residual, z, dyn)
-        t_z = -lx.linear_solve(operator, t_residual, linear_solver).value
+        t_z = -guarded(
+            z,
+            lambda z, t: (
+                lx.linear_solve(
+                    lx.JacobianLinearOperator(residual, z, dyn),
+                    t,
+                    linear_solver,
+                    throw=throw,
+                ).value
+            ),
+            t_residual,
+        )
         return (z, n_steps), (t_z, no_tangent(n_steps))
 
     root.defjvp(root_jvp, symbolic_zeros=True)

@@ -286,12 +286,15 @@ def test_train_resume_then_run_unrolled(tmp_path):
 
 def test_train_bilevel_with_evidence_then_run(tmp_path):
     """`assim-train network=bilevel` with the evidence loss (zero weights switch the
-    default masking loss off), then its checkpoint in `assim-run`: converged 4D-Var
-    in every window."""
+    default masking loss off) through a fully implicit scheme (backward Euler:
+    Newton-Krylov stages, reverse-over-reverse Hessian products; the inner L-BFGS's
+    first trial steps are too long for Newton and are backed off from), then its
+    checkpoint in `assim-run`: converged 4D-Var in every window."""
     train = _app(
         "train",
         tmp_path,
         *TINY_L96_TWIN,
+        "simulator.scheme._target_=simulators.backward_euler",
         "network=bilevel",
         "training.batch_size=1",
         "training.steps=2",

@@ -1,6 +1,9 @@
 """Bad input gets a clear error; solves that do not converge are reported."""
 
+import dataclasses
+
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,6 +90,32 @@ def test_newton_not_converging_is_reported():
     u0 = 3 * smooth_state(GRID)
     with pytest.raises(Exception, match="maximum number of steps was reached in the"):
         jax.block_until_ready(_burgers(scheme, dt=0.5).step(u0))
+
+
+def test_failed_newton_is_nan_without_check_finite():
+    """`Simulator(check_finite=False)` (a line search's trial points): a failed
+    Newton solve gives NaN instead of raising, and a cost that treats a non-finite
+    rollout as infinite has a finite gradient there (no adjoint solve sees NaN);
+    a converged rollout is unchanged."""
+    capped = sim.NewtonKrylov(rtol=1e-12, atol=1e-12, max_steps=1)
+    strict = _burgers(sim.backward_euler(capped), dt=0.5)
+    lenient = dataclasses.replace(strict, check_finite=False)
+    u0 = 3 * smooth_state(GRID)
+    assert jnp.all(jnp.isnan(lenient.rollout(u0, 3)[1:]))
+
+    def cost(u, simulator):
+        states = simulator.rollout(u, 3)
+        finite = jnp.all(jnp.isfinite(states))
+        value = jnp.sum(jnp.where(finite, states, 0.0) ** 2)
+        return jnp.where(finite, value, jnp.inf)
+
+    value, gradient = eqx.filter_jit(jax.value_and_grad(cost))(u0, lenient)
+    assert value == jnp.inf and jnp.all(gradient == 0)
+    good = _burgers(dt=0.1)
+    np.testing.assert_array_equal(
+        dataclasses.replace(good, check_finite=False).rollout(u0, 3),
+        good.rollout(u0, 3),
+    )
 
 
 def test_krylov_not_converging_is_reported():

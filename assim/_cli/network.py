@@ -56,6 +56,7 @@ def build_network(sim_cfg, net_cfg, *, n_times: int, interval: int, scale: float
             atol=float(net_cfg.atol),
             max_steps=int(net_cfg.max_steps),
             hypergradient=str(net_cfg.hypergradient),
+            hessian=net_cfg.get("hessian"),
         )
         return net, (parameter if learn else None)
     net = UnrolledVar(
