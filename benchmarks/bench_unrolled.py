@@ -632,6 +632,11 @@ def section_bundled_long(args):
             row.append(f"{float(error):.3f}")
         rows.append(tuple(row))
         print(f"  step {n} ({time.perf_counter() - t0:.0f} s): {row}", flush=True)
+        # Each chunk's `train` compiles its own step (the step count is part of the
+        # settings); without dropping the old executables, XLA's CPU JIT runs out
+        # of code memory after about a dozen chunks ("Unable to allocate section
+        # memory").
+        jax.clear_caches()
     header = ["step", "validation loss", "kappa rel. L2", "test analysis RMSE"]
     title = f"Bundled dataset, network trained longer on {args.bundled_long_losses}"
     if refine:
