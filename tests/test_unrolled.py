@@ -14,6 +14,7 @@ from helpers import TIGHT, l96_twin_windows, tree_allclose
 import simulators as sim
 from assim import (
     BilevelVar,
+    NeuralCorrection,
     TrainingStopped,
     TrainSettings,
     UnrolledVar,
@@ -101,10 +102,14 @@ def test_unrolled_gradient_matches_finite_differences(l96_windows, getkey, schem
     float64 against central differences, for the learned forcing and a step size;
     also through a fully implicit scheme (implicit midpoint), whose Newton-Krylov
     stages are differentiated implicitly: reverse over reverse of the implicit
-    function theorem, each derivative one Krylov solve."""
+    function theorem, each derivative one Krylov solve; there also for the weights
+    of a model-error correction inside the implicit stages."""
     l96, B, windows = l96_windows
     if scheme == "newton-krylov":
-        l96 = sim.Simulator(l96.model, sim.ImplicitMidpoint(TIGHT), l96.dt)
+        correction = NeuralCorrection(
+            l96.model.grid, 4, 2, 3, scale=3.6, rate=0.5, key=getkey()
+        )
+        l96 = sim.Simulator(l96.model, sim.ImplicitMidpoint(TIGHT), l96.dt, correction)
     obs, xb = windows[1], jnp.full(40, 2.0)
     net = make_net(
         l96,
@@ -115,12 +120,13 @@ def test_unrolled_gradient_matches_finite_differences(l96_windows, getkey, schem
         set_parameters=set_forcing,
     )
 
+    @jax.jit
     def loss(theta, log_step):
         n = eqx.tree_at(lambda m: (m.theta, m.log_step), net, (theta, log_step))
         return jnp.mean((n.analysis(obs, xb) - obs.truth) ** 2)
 
     theta, log_step = jnp.asarray(0.01), net.log_step
-    g_theta, g_step = jax.grad(loss, argnums=(0, 1))(theta, log_step)
+    g_theta, g_step = jax.jit(jax.grad(loss, argnums=(0, 1)))(theta, log_step)
     eps = 1e-6
     fd_theta = (loss(theta + eps, log_step) - loss(theta - eps, log_step)) / (2 * eps)
     direction = jnp.asarray([1.0, -0.5, 0.25])
@@ -131,6 +137,27 @@ def test_unrolled_gradient_matches_finite_differences(l96_windows, getkey, schem
     # Central differences: O(eps^2) truncation, O(1e-16 / eps) round-off.
     np.testing.assert_allclose(g_theta, fd_theta, rtol=1e-6)
     np.testing.assert_allclose(jnp.dot(g_step, direction), fd_step, rtol=1e-6)
+    if scheme != "newton-krylov":
+        return
+    weights, rest = eqx.partition(net.simulator.correction, eqx.is_inexact_array)
+
+    @jax.jit
+    def correction_loss(w):
+        c = eqx.combine(w, rest)
+        n = eqx.tree_at(lambda m: m.simulator.correction, net, c)
+        return jnp.mean((n.analysis(obs, xb) - obs.truth) ** 2)
+
+    g = jax.jit(jax.grad(correction_loss))(weights)
+    d = jax.tree.map(lambda w: jax.random.normal(getkey(), w.shape, w.dtype), weights)
+
+    def shifted(sign):
+        return correction_loss(
+            jax.tree.map(lambda w, v: w + sign * eps * v, weights, d)
+        )
+
+    pairs = zip(jax.tree.leaves(g), jax.tree.leaves(d), strict=True)
+    along = sum(jnp.vdot(a, b) for a, b in pairs)
+    np.testing.assert_allclose(along, (shifted(1) - shifted(-1)) / (2 * eps), rtol=1e-6)
 
 
 def make_bilevel(l96, B, **options):
