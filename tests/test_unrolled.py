@@ -274,9 +274,13 @@ def test_stochastic_log_determinant_gradient_is_unbiased(l96_windows):
     stochastic = evidence_parts(net, obs, xb, probes=400, key=key)
     value, cost = stochastic(hyper)
     np.testing.assert_allclose(value, cost, rtol=1e-12)
-    g_cost = jax.grad(lambda h: exact(h)[1])(hyper)
-    g_exact = jax.grad(lambda h: exact(h)[0])(hyper)
-    g_stochastic = jax.grad(lambda h: stochastic(h)[0])(hyper)
+    g_cost, g_exact, g_stochastic = jax.jit(
+        lambda h: (
+            jax.grad(lambda h: exact(h)[1])(h),
+            jax.grad(lambda h: exact(h)[0])(h),
+            jax.grad(lambda h: stochastic(h)[0])(h),
+        )
+    )(hyper)
     for e, s, c in zip(g_exact, g_stochastic, g_cost, strict=True):
         assert abs(e - c) > 1e-3  # the log-determinant matters here
         np.testing.assert_allclose(s - c, e - c, rtol=0.1)
@@ -391,30 +395,35 @@ def test_refined_cost_loss_learns_the_joint_4dvar_parameters(l96_windows, getkey
         l96, B, getkey(), theta=jnp.asarray(0.05), set_parameters=set_forcing
     )
     refine = dict(refine=15, refine_cg=60)
-    x = net(obs, background)
-    x_star = refine_analysis(net, obs, background, x, steps=15, cg_steps=60)
+    x = eqx.filter_jit(net)(obs, background)
+    x_star = eqx.filter_jit(refine_analysis)(
+        net, obs, background, x, steps=15, cg_steps=60
+    )
 
+    @jax.jit
     def stationarity(x):  # the gradient of the window cost in whitened coordinates
         v = B.whiten(x - background)
         g = jax.grad(net.observation_cost)(x, obs)
-        return float(jnp.linalg.norm(v + B.sqrt_transpose(g)))
+        return jnp.linalg.norm(v + B.sqrt_transpose(g))
 
     assert stationarity(x) > 1.0
     assert stationarity(x_star) < 1e-6 * stationarity(x)
-    value = cost_loss(net, obs, background, **refine)
-    assert float(value) < float(cost_loss(net, obs, background))
 
     def loss_at(theta, **options):
         return cost_loss(
             eqx.tree_at(lambda n: n.theta, net, theta), obs, background, **options
         )
 
-    grad = jax.grad(lambda t: loss_at(t, **refine))(jnp.asarray(0.05))
+    refined = jax.jit(lambda t: loss_at(t, **refine))
+    plain_loss = jax.jit(loss_at)
+    theta = jnp.asarray(0.05)
+    assert float(refined(theta)) < float(plain_loss(theta))
+    grad = jax.jit(jax.grad(refined))(theta)
     h = 1e-4
-    fd = (loss_at(0.05 + h, **refine) - loss_at(0.05 - h, **refine)) / (2 * h)
+    fd = (refined(theta + h) - refined(theta - h)) / (2 * h)
     np.testing.assert_allclose(grad, fd, rtol=1e-5)
     # The plain cost loss's parameter gradient carries the network's error.
-    plain = jax.grad(loss_at)(jnp.asarray(0.05))
+    plain = jax.jit(jax.grad(plain_loss))(theta)
     assert abs(float(plain - grad)) > 0.1 * abs(float(grad))
 
     def step_grad(**options):
@@ -422,8 +431,10 @@ def test_refined_cost_loss_learns_the_joint_4dvar_parameters(l96_windows, getkey
             lambda n: n.log_step, jax.tree.map(lambda _: False, net), True
         )
         params, static = eqx.partition(net, spec)
-        return jax.grad(
-            lambda p: cost_loss(eqx.combine(p, static), obs, background, **options)
+        return jax.jit(
+            jax.grad(
+                lambda p: cost_loss(eqx.combine(p, static), obs, background, **options)
+            )
         )(params).log_step
 
     np.testing.assert_allclose(step_grad(**refine), step_grad(), rtol=1e-10)
