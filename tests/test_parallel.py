@@ -5,6 +5,7 @@ padded, never dropped. Then the same over two processes of 2 devices each, joine
 by `jax.distributed.initialize` (two local "hosts" talking through the coordinator
 and gloo collectives), against the single-process results."""
 
+import fcntl
 import json
 import os
 import socket
@@ -31,8 +32,7 @@ def _last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def found():
+def _four_devices() -> dict:
     result = subprocess.run(
         [sys.executable, str(SCRIPT)],
         capture_output=True,
@@ -42,6 +42,23 @@ def found():
     )
     assert result.returncode == 0, result.stderr
     return _last_json(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def found(tmp_path_factory, worker_id):
+    """The 4-device run's results, computed once per test session: under
+    pytest-xdist the workers share them through a locked file in the session's
+    temporary directory (xdist's recipe), instead of each worker that gets one of
+    these tests running the subprocess again."""
+    if worker_id == "master":
+        return _four_devices()
+    root = tmp_path_factory.getbasetemp().parent  # this session's, all workers'
+    path = root / "parallel_check_4.json"
+    with open(root / "parallel_check_4.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.is_file():
+            path.write_text(json.dumps(_four_devices()))
+        return json.loads(path.read_text())
 
 
 @pytest.fixture(scope="module")
