@@ -224,11 +224,18 @@ def _implicit_root(solver, linear_solver, max_steps: int, args, throw: bool = Tr
         z, n_steps = root_vjp(dyn)
         return (z, n_steps), (z, dyn)
 
-    def guarded(z, solve, vector):
-        """`solve(z, vector)`; with `throw=False` and a failed (NaN) `z`, zero, and no
-        solve sees a non-finite input, in either direction: lineax's transpose of a
-        solve raises on one whatever `throw` says. (The primal is NaN: a cost built
-        on it is infinite and a line search backs off.)"""
+    def stage_solve(z, dyn, vector, *, transpose: bool):
+        """Solve with the stage Jacobian `F_z` (or its transpose) at `z`. With
+        `throw=False` and a failed (NaN) `z`: zero, and no solve sees a non-finite
+        input, in either direction (lineax's transpose of a solve raises on one
+        whatever `throw` says). The primal is NaN then: a cost built on it is
+        infinite and a line search backs off."""
+
+        def solve(z, vector):
+            operator = lx.JacobianLinearOperator(residual, z, dyn)
+            operator = operator.T if transpose else operator
+            return lx.linear_solve(operator, vector, linear_solver, throw=throw).value
+
         if throw:
             return solve(z, vector)
         failed = ~jnp.all(jnp.isfinite(z))
@@ -241,18 +248,7 @@ def _implicit_root(solver, linear_solver, max_steps: int, args, throw: bool = Tr
     def root_bwd(res, cotangents):
         z, dyn = res
         ct_z, _ = cotangents
-        lam = guarded(
-            z,
-            lambda z, ct: (
-                lx.linear_solve(
-                    lx.JacobianLinearOperator(residual, z, dyn).T,
-                    ct,
-                    linear_solver,
-                    throw=throw,
-                ).value
-            ),
-            ct_z,
-        )
+        lam = stage_solve(z, dyn, ct_z, transpose=True)
         _, vjp = jax.vjp(lambda d: residual(z, d), dyn)
         (ct_dyn,) = vjp(-lam)
         return (ct_dyn,)
@@ -274,18 +270,7 @@ def _implicit_root(solver, linear_solver, max_steps: int, args, throw: bool = Tr
         _, t_residual = jax.jvp(
             lambda d: residual(z, eqx.combine(d, fixed)), (diff,), (t_diff,)
         )
-        t_z = -guarded(
-            z,
-            lambda z, t: (
-                lx.linear_solve(
-                    lx.JacobianLinearOperator(residual, z, dyn),
-                    t,
-                    linear_solver,
-                    throw=throw,
-                ).value
-            ),
-            t_residual,
-        )
+        t_z = -stage_solve(z, dyn, t_residual, transpose=False)
         return (z, n_steps), (t_z, no_tangent(n_steps))
 
     root.defjvp(root_jvp, symbolic_zeros=True)
