@@ -18,7 +18,7 @@ from simulators import NewtonKrylov, Simulator
 
 from ._covariance import AbstractCovariance
 from ._observations import ObservationSet
-from ._unrolled import AbstractWindowNet, _check_learnable
+from ._unrolled import AbstractWindowNet, _check_learnable, _held
 
 _HESSIAN_TAGS = frozenset({lx.symmetric_tag, lx.positive_semidefinite_tag})
 
@@ -26,12 +26,6 @@ _HESSIAN_TAGS = frozenset({lx.symmetric_tag, lx.positive_semidefinite_tag})
 def _inner_cost(v, args):
     net, obs, background = args
     return net.cost(v, obs, background)
-
-
-def _no_gradient(tree):
-    return jtu.tree_map(
-        lambda x: jax.lax.stop_gradient(x) if eqx.is_inexact_array(x) else x, tree
-    )
 
 
 @eqx.filter_custom_vjp
@@ -235,7 +229,7 @@ class BilevelVar(AbstractWindowNet):
             _inner_cost,
             self.solver,
             jnp.zeros_like(background),
-            _no_gradient(args) if own_rule else args,
+            _held(args) if own_rule else args,
             max_steps=self.max_steps,
             adjoint=adjoint,
             throw=self.throw if throw is None else throw,

@@ -16,7 +16,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._bilevel import BilevelVar
 from ._observations import ObservationSet
-from ._unrolled import AbstractWindowNet
+from ._unrolled import AbstractWindowNet, _held
 from ._var import Control, Var4D, make_solver
 
 Hide = Literal["points", "sensors"]
@@ -118,12 +118,6 @@ def _window_cost(net: AbstractWindowNet, x, obs: ObservationSet, background, win
         squares = sum(jnp.sum(t**2) for t in jax.tree.leaves(net.theta))
         value = value + 0.5 * squares / windows
     return value / jnp.maximum(jnp.sum(obs.mask), 1)
-
-
-def _held(tree):
-    """`tree` with its arrays' gradients stopped."""
-    arrays, rest = eqx.partition(tree, eqx.is_array)
-    return eqx.combine(jax.lax.stop_gradient(arrays), rest)
 
 
 def _hold_model(net: AbstractWindowNet) -> AbstractWindowNet:

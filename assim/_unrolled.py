@@ -28,6 +28,12 @@ def _logit(p):
     return float(np.log(p / (1 - p)))
 
 
+def _held(tree):
+    """`tree` with its arrays' gradients stopped."""
+    arrays, rest = eqx.partition(tree, eqx.is_array)
+    return eqx.combine(jax.lax.stop_gradient(arrays), rest)
+
+
 def _check_learnable(theta, set_parameters):
     """Learned parameters come with the map that places them."""
     if (theta is None) != (set_parameters is None):
