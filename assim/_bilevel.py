@@ -14,7 +14,7 @@ import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from simulators import NewtonKrylov, Simulator
+from simulators import Simulator
 
 from ._covariance import AbstractCovariance
 from ._observations import ObservationSet
@@ -157,9 +157,7 @@ class BilevelVar(AbstractWindowNet):
                 f"hypergradient must be 'implicit' or 'unrolled', got {hypergradient!r}"
             )
         _check_learnable(theta, set_parameters)
-        newton_krylov = isinstance(
-            getattr(simulator.scheme, "solver", None), NewtonKrylov
-        )
+        newton_krylov = simulator.newton_krylov is not None
         if hessian is None:
             hessian = "reverse" if newton_krylov else "forward"
         if hessian not in ("forward", "reverse"):

@@ -65,6 +65,13 @@ class Simulator(eqx.Module):
         if is_concrete(self.dt) and not np.asarray(self.dt) > 0:
             raise ValueError(f"time step dt must be positive, got {float(self.dt)}")
 
+    @property
+    def newton_krylov(self) -> NewtonKrylov | None:
+        """The scheme's Newton-Krylov stage solver (fully implicit schemes), or
+        `None`."""
+        solver = getattr(self.scheme, "solver", None)
+        return solver if isinstance(solver, NewtonKrylov) else None
+
     def step_with_info(self, u: Array) -> tuple[Array, dict[str, Array]]:
         """One step; returns `(u_next, info)` (e.g. Newton iteration counts)."""
         u = self.model.check_state(u)
@@ -107,10 +114,8 @@ class Simulator(eqx.Module):
         u0 = self.model.check_state(u0)
 
         scheme = self.scheme
-        if not self.check_finite and isinstance(
-            getattr(scheme, "solver", None), NewtonKrylov
-        ):
-            solver = dataclasses.replace(scheme.solver, throw=False)
+        if not self.check_finite and self.newton_krylov is not None:
+            solver = dataclasses.replace(self.newton_krylov, throw=False)
             scheme = dataclasses.replace(scheme, solver=solver)
 
         def step(u):
