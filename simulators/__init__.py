@@ -1,8 +1,11 @@
 """Differentiable implicit PDE simulators with matrix-free implicit adjoints."""
 
 from ._grid import Grid as Grid
+from ._linear import DelegatingLinearSolver as DelegatingLinearSolver
+from ._linear import ScaleInvariant as ScaleInvariant
 from ._model import AbstractModel as AbstractModel
 from ._model import AbstractSpectralModel as AbstractSpectralModel
+from ._model import is_concrete as is_concrete
 from ._models.advection_diffusion import AdvectionDiffusion as AdvectionDiffusion
 from ._models.burgers import Burgers as Burgers
 from ._models.kuramoto_sivashinsky import KuramotoSivashinsky as KuramotoSivashinsky

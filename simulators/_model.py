@@ -9,6 +9,7 @@ import lineax as lx
 from jaxtyping import Array, Float
 
 from ._grid import Grid
+from ._linear import ScaleInvariant
 
 
 def is_concrete(x) -> bool:
@@ -73,8 +74,6 @@ class AbstractModel(eqx.Module):
         tol = _tolerance(rhs.dtype) * 0.1  # 1e-6 in float32: reachable
         # Tolerances relative to the size of rhs: a fixed atol is below round-off
         # for a large rhs (e.g. an L-BFGS trial step), where GMRES stagnates.
-        from ._solve import ScaleInvariant
-
         gmres = lx.GMRES(rtol=tol, atol=tol, restart=20, max_steps=2000)
         solver = ScaleInvariant(gmres)
         solution = lx.linear_solve(

@@ -69,8 +69,7 @@ class Simulator(eqx.Module):
     def newton_krylov(self) -> NewtonKrylov | None:
         """The scheme's Newton-Krylov stage solver (fully implicit schemes), or
         `None`."""
-        solver = getattr(self.scheme, "solver", None)
-        return solver if isinstance(solver, NewtonKrylov) else None
+        return self.scheme.newton_krylov
 
     def step_with_info(self, u: Array) -> tuple[Array, dict[str, Array]]:
         """One step; returns `(u_next, info)` (e.g. Newton iteration counts)."""
@@ -116,7 +115,7 @@ class Simulator(eqx.Module):
         scheme = self.scheme
         if not self.check_finite and self.newton_krylov is not None:
             solver = dataclasses.replace(self.newton_krylov, throw=False)
-            scheme = dataclasses.replace(scheme, solver=solver)
+            scheme = scheme.with_newton_krylov(solver)
 
         def step(u):
             return scheme.step(self.model, u, self.dt, self.correction)

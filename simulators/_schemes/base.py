@@ -5,6 +5,7 @@ import equinox as eqx
 from jaxtyping import Array
 
 from .._model import AbstractModel
+from .._solve import NewtonKrylov
 
 
 class AbstractScheme(eqx.Module):
@@ -30,6 +31,19 @@ class AbstractScheme(eqx.Module):
         correction: Callable | None = None,
     ) -> tuple[Array, dict[str, Array]]:
         """Advance `u` by one step of size `dt`."""
+
+    @property
+    def newton_krylov(self) -> NewtonKrylov | None:
+        """The Newton-Krylov solver of the scheme's implicit stages, or `None` when
+        the scheme has none (explicit, IMEX with a structured linear solve). A
+        capability the scheme states: fully implicit stages are differentiable in
+        reverse over reverse only, and can be made to return NaN on failure."""
+        return None
+
+    def with_newton_krylov(self, solver: NewtonKrylov) -> "AbstractScheme":
+        """The scheme with its stage solver replaced (schemes without one: `self`)."""
+        del solver
+        return self
 
 
 def corrected_tendency(model: AbstractModel, correction: Callable | None):

@@ -1,3 +1,5 @@
+import dataclasses
+
 import equinox as eqx
 import jax.numpy as jnp
 
@@ -32,6 +34,13 @@ class ThetaMethod(AbstractScheme):
     def order(self) -> int:
         return 2 if self.theta == 0.5 else 1
 
+    @property
+    def newton_krylov(self) -> NewtonKrylov:
+        return self.solver
+
+    def with_newton_krylov(self, solver: NewtonKrylov):
+        return dataclasses.replace(self, solver=solver)
+
     def step(self, model, u, dt, correction=None):
         rhs = u
         if self.theta < 1:
@@ -64,6 +73,13 @@ class ImplicitMidpoint(AbstractScheme):
     @property
     def order(self) -> int:
         return 2
+
+    @property
+    def newton_krylov(self) -> NewtonKrylov:
+        return self.solver
+
+    def with_newton_krylov(self, solver: NewtonKrylov):
+        return dataclasses.replace(self, solver=solver)
 
     def step(self, model, u, dt, correction=None):
         w, steps = self.solver.solve(model, correction, u, 0.5 * jnp.asarray(dt))
