@@ -3,8 +3,6 @@ hyperparameters (background-error scale, physical coefficients, a model-error
 correction) learned through the implicit function theorem at the inner solution."""
 
 import dataclasses
-from collections.abc import Callable
-from typing import Literal
 
 import equinox as eqx
 import jax
@@ -14,18 +12,16 @@ import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from simulators import Simulator
-
-from ._covariance import AbstractCovariance
+from ._analyser import CONVERGED, FAILED, MAX_STEPS, Info
+from ._covariance import ScaledCovariance
 from ._observations import ObservationSet
-from ._unrolled import AbstractWindowNet, _check_learnable, _held
+from ._problem import SPD_TAGS, Analysis, WindowProblem
+from ._unrolled import AbstractWindowNet, held
 
-_HESSIAN_TAGS = frozenset({lx.symmetric_tag, lx.positive_semidefinite_tag})
 
-
-def _inner_cost(v, args):
-    net, obs, background = args
-    return net.cost(v, obs, background)
+def _inner_cost(c, args):
+    net, problem, window, background = args
+    return net.inner_problem(problem).cost(c, window, background)
 
 
 @eqx.filter_custom_vjp
@@ -57,22 +53,48 @@ def _implicit_minimum_bwd(residuals, ct, perturbed, args, v, linear_solver):
 
     _, hessian_vjp = jax.vjp(lambda u: gradient(u, dyn), v)
     hessian = lx.FunctionLinearOperator(
-        lambda w: hessian_vjp(w)[0], jax.eval_shape(lambda: v), tags=_HESSIAN_TAGS
+        lambda w: hessian_vjp(w)[0], jax.eval_shape(lambda: v), tags=SPD_TAGS
+    )
+    ct = jax.tree.map(
+        lambda c, x: jnp.zeros_like(x) if c is None else c,
+        ct,
+        v,
+        is_leaf=lambda x: x is None,
     )
     lam = lx.linear_solve(hessian, ct, linear_solver).value
     _, args_vjp = jax.vjp(lambda d: gradient(v, d), dyn)
-    return args_vjp(-lam)[0]
+    return args_vjp(jax.tree.map(jnp.negative, lam))[0]
+
+
+def _default_cg() -> lx.CG:
+    return lx.CG(rtol=1e-6, atol=1e-6, max_steps=200)
+
+
+class ReverseImplicitAdjoint(eqx.Module):
+    """The implicit function theorem at the inner minimum with Hessian-vector
+    products reverse over reverse (`BilevelVar`'s own rule, `_implicit_minimum`):
+    what fully implicit (Newton-Krylov) schemes need, whose stage solves JAX cannot
+    differentiate forward over reverse.
+
+    **Arguments:**
+
+    - `linear_solver`: the solver of `H lambda = ct` (default CG, rtol 1e-6).
+    """
+
+    linear_solver: lx.AbstractLinearSolver = eqx.field(default_factory=_default_cg)
 
 
 class BilevelVar(AbstractWindowNet):
     """Strong-constraint 4D-Var run to convergence as a differentiable layer.
 
-    The inner problem, in the control-variable form,
+    The inner problem is the window problem with the network's parameters and
+    correction in the model and its background covariance scaled by `s^2`; in the
+    control-variable form (`w`: whitened model-error forcings, weak constraint only)
 
-    `v* = argmin_v |v|^2 / 2 + J_o(x_b + s B^{1/2} v; theta)`,
+    `(v*, w*) = argmin |v|^2 / 2 + J_m(x_b + s B^{1/2} v, w; theta)`,
 
-    is solved by optimistix (L-BFGS by default) and the analysis is
-    `x_0* = x_b + s B^{1/2} v*`. Its derivative with respect to the hyperparameters
+    solved by optimistix (L-BFGS), and the analysis is `x_0* = x_b + s B^{1/2} v*`.
+    Its derivative with respect to the hyperparameters
     `h = (log s, theta, correction)` is not obtained by differentiating the solver's
     iterations: at the minimum `grad_v J(v*, h) = 0`, so by the implicit function
     theorem `dv*/dh = -(grad_vv J)^{-1} grad_vh J`. That system is solved with
@@ -90,187 +112,173 @@ class BilevelVar(AbstractWindowNet):
 
     **Arguments:**
 
-    - `simulator`, `background_covariance`: the model and `B`.
-    - `observation_interval`: model steps between observation times.
     - `background_scale`: initial `s` (learned as `log s`; `s^2 B` is the background
       error covariance, i.e. `1 / s^2` is the regularisation weight).
-    - `theta`, `set_parameters`: learned physical parameters and how they enter the
-      simulator.
+    - `theta`: initial learned parameter controls (the problem's `set_parameters`
+      places them), or `None`.
+    - `correction`: a learned model-error correction, or `None`.
     - `scale`: typical amplitude of the state (normalises the losses).
-    - `rtol`, `atol`, `max_steps`: the inner minimisation's tolerances and cap.
-    - `cg_rtol`, `cg_max_steps`: the hypergradient's CG solve.
-    - `hypergradient`: `"implicit"` (the above) or `"unrolled"`: backpropagation
-      through the inner solver's iterations (optimistix's recursively checkpointed
-      adjoint), for comparison; it needs the same converged solve and stores
-      iterates.
-    - `hessian`: how the Hessian-vector products are formed. `"forward"`: forward
-      over reverse, inside `optx.ImplicitAdjoint` (the cheaper one); `"reverse"`:
-      reverse over reverse, in this module's own implicit-function-theorem rule
-      (one linearisation of `grad_v J` at `v*`, reused by every CG iteration). The
-      default, `None`, picks `"reverse"` for fully implicit (Newton-Krylov) schemes,
-      whose stage solves JAX cannot differentiate forward over reverse, and
-      `"forward"` otherwise.
+    - `solver`: the inner optimistix minimiser (default L-BFGS, tolerances 1e-6).
+    - `max_steps`: the inner minimisation's cap.
+    - `adjoint`: how the hypergradient is formed. `optx.ImplicitAdjoint(
+      linear_solver=...)`: the implicit function theorem with Hessian-vector
+      products forward over reverse (the cheaper one); `ReverseImplicitAdjoint(
+      linear_solver)`: the same theorem with products reverse over reverse, in this
+      module's own rule (one linearisation of `grad_v J` at `v*`, reused by every
+      CG iteration), which fully implicit (Newton-Krylov) schemes need;
+      `optx.RecursiveCheckpointAdjoint()`: backpropagation through the inner
+      solver's iterations, for comparison (it stores iterates). `None` picks the
+      reverse implicit rule for Newton-Krylov schemes and the forward one
+      otherwise, both with CG at rtol 1e-6.
     - `throw`: `False` returns the iterate reached at `max_steps` instead of raising
       (4D-Var truncated after `max_steps` iterations; its hypergradient is then
       not the exact one).
     """
 
-    simulator: Simulator
-    background_covariance: AbstractCovariance
     log_scale: Float[Array, ""]
     theta: PyTree[Array] | None
-    set_parameters: Callable | None
+    correction: eqx.Module | None
     solver: optx.AbstractMinimiser
-    hypergradient_solver: lx.AbstractLinearSolver
-    observation_interval: int = eqx.field(static=True)
+    adjoint: "optx.AbstractAdjoint | ReverseImplicitAdjoint | None"
     scale: float = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
-    hypergradient: str = eqx.field(static=True)
-    hessian: str = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
 
     def __init__(
         self,
-        simulator: Simulator,
-        background_covariance: AbstractCovariance,
         *,
-        observation_interval: int = 1,
         background_scale: float = 1.0,
         theta: PyTree[Array] | None = None,
-        set_parameters: Callable | None = None,
+        correction: eqx.Module | None = None,
         scale: float = 1.0,
-        rtol: float = 1e-6,
-        atol: float = 1e-6,
+        solver: optx.AbstractMinimiser | None = None,
         max_steps: int = 500,
-        cg_rtol: float = 1e-6,
-        cg_max_steps: int = 200,
-        hypergradient: Literal["implicit", "unrolled"] = "implicit",
-        hessian: Literal["forward", "reverse"] | None = None,
+        adjoint=None,
         throw: bool = True,
     ):
         if background_scale <= 0:
             raise ValueError(
                 f"background_scale must be positive, got {background_scale}"
             )
-        if hypergradient not in ("implicit", "unrolled"):
-            raise ValueError(
-                f"hypergradient must be 'implicit' or 'unrolled', got {hypergradient!r}"
-            )
-        _check_learnable(theta, set_parameters)
-        newton_krylov = simulator.newton_krylov is not None
-        if hessian is None:
-            hessian = "reverse" if newton_krylov else "forward"
-        if hessian not in ("forward", "reverse"):
-            raise ValueError(f"hessian must be 'forward' or 'reverse', got {hessian!r}")
-        if hessian == "forward" and newton_krylov:
-            raise ValueError(
-                "hessian='forward' (forward over reverse) cannot differentiate the "
-                "Newton-Krylov stage solves of a fully implicit scheme: use "
-                "hessian='reverse'"
+        if adjoint is not None and not isinstance(
+            adjoint,
+            (
+                optx.ImplicitAdjoint,
+                optx.RecursiveCheckpointAdjoint,
+                ReverseImplicitAdjoint,
+            ),
+        ):
+            raise TypeError(
+                "adjoint must be optx.ImplicitAdjoint, ReverseImplicitAdjoint, "
+                f"optx.RecursiveCheckpointAdjoint or None, got {type(adjoint).__name__}"
             )
         dtype = jnp.zeros(()).dtype
-        self.simulator = simulator
-        self.background_covariance = background_covariance
         self.log_scale = jnp.asarray(jnp.log(background_scale), dtype)
         self.theta = theta
-        self.set_parameters = set_parameters
-        self.solver = optx.LBFGS(rtol=rtol, atol=atol)
-        self.hypergradient_solver = lx.CG(
-            rtol=cg_rtol, atol=cg_rtol, max_steps=cg_max_steps
-        )
-        self.observation_interval = int(observation_interval)
+        self.correction = correction
+        self.solver = optx.LBFGS(rtol=1e-6, atol=1e-6) if solver is None else solver
+        self.adjoint = adjoint
         self.scale = float(scale)
         self.max_steps = int(max_steps)
-        self.hypergradient = hypergradient
-        self.hessian = hessian
         self.throw = bool(throw)
 
     def trainable(self) -> PyTree[bool]:
-        """The learned leaves: `log s`, `theta` and the simulator's correction."""
-        return self._learned_spec(
-            lambda m: (m.log_scale, m.theta, m.simulator.correction)
+        """The learned leaves: `log s`, `theta` and the correction."""
+        return self._learned_spec(lambda m: (m.log_scale, m.theta, m.correction))
+
+    def adjoint_for(self, problem: WindowProblem):
+        """The hypergradient's adjoint for this problem's scheme (`adjoint`, or the
+        default: see the class)."""
+        newton_krylov = problem.simulator.newton_krylov is not None
+        if isinstance(self.adjoint, optx.ImplicitAdjoint) and newton_krylov:
+            raise ValueError(
+                "optx.ImplicitAdjoint (Hessian products forward over reverse) cannot "
+                "differentiate the Newton-Krylov stage solves of a fully implicit "
+                "scheme: use ReverseImplicitAdjoint"
+            )
+        if self.adjoint is not None:
+            return self.adjoint
+        if newton_krylov:
+            return ReverseImplicitAdjoint()
+        return optx.ImplicitAdjoint(linear_solver=_default_cg())
+
+    def model_problem(self, problem: WindowProblem) -> WindowProblem:
+        """The network's problem (its parameters and correction in the model) with
+        `B` scaled by `s^2`."""
+        problem = super().model_problem(problem)
+        return eqx.tree_at(
+            lambda p: p.background_covariance,
+            problem,
+            ScaledCovariance(problem.background_covariance, jnp.exp(self.log_scale)),
         )
 
-    def initial_state(self, v, background):
-        """`x_0 = x_b + s B^{1/2} v`."""
-        return background + jnp.exp(self.log_scale) * self.background_covariance.sqrt(v)
-
-    def cost(self, v, obs: ObservationSet, background) -> Float[Array, ""]:
-        """The inner cost `|v|^2 / 2 + J_o(x_b + s B^{1/2} v)`; `inf` where the
-        rollout blows up or an implicit stage solve fails, so that the line search
-        backs off from a trial step the model cannot integrate instead of stopping
-        the run."""
-        x0 = self.initial_state(v, background)
-        simulator = dataclasses.replace(self.model(), check_finite=False)
-        states = self.trajectory(x0, obs.n_times, simulator)
-        finite = jnp.all(jnp.isfinite(states))
-        # A non-finite rollout is replaced before the cost, so that the gradient at
-        # that trial point (which the line search computes, then discards) is finite:
-        # NaN cotangents would reach the implicit stages' adjoint solves.
-        r = obs.innovations(jnp.where(finite, states, 0.0))
-        value = 0.5 * jnp.sum(v**2) + 0.5 * jnp.sum(r**2)
-        return jnp.where(finite & jnp.isfinite(value), value, jnp.inf)
+    def inner_problem(self, problem: WindowProblem) -> WindowProblem:
+        """`model_problem` with a simulator that does not raise on a non-finite
+        rollout or a failed stage solve: its cost is then `inf`, so that the line
+        search backs off from a trial step the model cannot integrate instead of
+        stopping the run."""
+        problem = self.model_problem(problem)
+        simulator = dataclasses.replace(problem.simulator, check_finite=False)
+        return eqx.tree_at(lambda p: p.simulator, problem, simulator)
 
     def solve(
-        self, obs: ObservationSet, background, *, throw: bool | None = None
+        self,
+        problem: WindowProblem,
+        window: ObservationSet,
+        background,
+        *,
+        throw: bool | None = None,
     ) -> optx.Solution:
-        """The inner minimisation from `v = 0`, with the implicit adjoint (or the
-        unrolled one). `throw` overrides the network's: `False` returns the
-        iterate at `max_steps` with its result code instead of raising."""
-        args = (self, obs, background)
-        own_rule = self.hypergradient == "implicit" and self.hessian == "reverse"
-        if self.hypergradient == "unrolled":
-            adjoint = optx.RecursiveCheckpointAdjoint()
-        else:
-            adjoint = optx.ImplicitAdjoint(linear_solver=self.hypergradient_solver)
+        """The inner minimisation from the background (`v = 0`, `w = 0`), with the
+        implicit adjoint (or the unrolled one). `throw` overrides the network's:
+        `False` returns the iterate at `max_steps` with its result code instead of
+        raising. The solution's value is the inner `Control` (`theta = None`)."""
+        args = (self, problem, window, background)
+        adjoint = self.adjoint_for(problem)
+        own_rule = isinstance(adjoint, ReverseImplicitAdjoint)
+        start = self.model_problem(problem).initial_control(window, background)
         solution = optx.minimise(
             _inner_cost,
             self.solver,
-            jnp.zeros_like(background),
-            _held(args) if own_rule else args,
+            start,
+            held(args) if own_rule else args,
             max_steps=self.max_steps,
-            adjoint=adjoint,
+            adjoint=optx.ImplicitAdjoint() if own_rule else adjoint,
             throw=self.throw if throw is None else throw,
-            tags=_HESSIAN_TAGS,
+            tags=SPD_TAGS,
         )
         if not own_rule:
             return solution
-        v = _implicit_minimum(args, solution.value, self.hypergradient_solver)
+        v = _implicit_minimum(args, solution.value, adjoint.linear_solver)
         return eqx.tree_at(lambda s: s.value, solution, v)
 
-    def __call__(self, obs: ObservationSet, background: Array) -> Array:
-        return self.initial_state(self.solve(obs, background).value, background)
-
-    def gauss_newton(
-        self, v, obs: ObservationSet, background
-    ) -> lx.AbstractLinearOperator:
-        """The Gauss-Newton Hessian of the inner cost at `v`, `I + G^T G` with `G`
-        the Jacobian of the whitened innovations, as a matrix-free symmetric positive
-        definite lineax operator (a tangent-linear rollout and an adjoint one per
-        product)."""
-
-        def residual(u):
-            x0 = self.initial_state(u, background)
-            return obs.innovations(self.trajectory(x0, obs.n_times))
-
-        _, tangent = jax.linearize(residual, v)
-        adjoint = jax.linear_transpose(tangent, v)
-        return lx.FunctionLinearOperator(
-            lambda w: w + adjoint(tangent(w))[0],
-            jax.eval_shape(lambda: v),
-            tags=_HESSIAN_TAGS,
+    def __call__(
+        self, problem: WindowProblem, window: ObservationSet, background: Array
+    ) -> tuple[Analysis, Info]:
+        solution = self.solve(problem, window, background)
+        analysis = self.model_problem(problem).analysis(solution.value, background)
+        result = solution.result
+        outcome = jnp.where(
+            result == optx.RESULTS.successful,
+            CONVERGED,
+            jnp.where(result == optx.RESULTS.max_steps_reached, MAX_STEPS, FAILED),
+        )
+        info = Info(solution.stats["num_steps"], outcome)
+        return Analysis(analysis.initial_state, self.parameters(problem), analysis.w), (
+            info
         )
 
     def negative_log_evidence(
         self,
-        obs: ObservationSet,
+        problem: WindowProblem,
+        window: ObservationSet,
         background,
         *,
         probes: int = 0,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, ""]:
         """`-log p(y | h)` up to a constant, by the Laplace approximation at the
-        inner solution with the Gauss-Newton Hessian:
+        inner solution with the problem's Gauss-Newton Hessian:
         `J(v*) + log det(I + G^T G) / 2`.
 
         Minimising it over the hyperparameters `h` (B scale, `theta`, the correction)
@@ -287,19 +295,34 @@ class BilevelVar(AbstractWindowNet):
         `(H^-1 z)^T dH z / 2` (CG solves, `H^-1 z` held constant); that term then
         contributes to the gradient only, and the value returned is `J(v*)`.
         """
-        v = self.solve(obs, background).value
-        cost = self.cost(v, obs, background)
-        H = self.gauss_newton(v, obs, background)
+        control = self.solve(problem, window, background).value
+        inner = self.model_problem(problem)
+        cost = inner.cost(control, window, background)
+        H = inner.gauss_newton(control, window, background)
         if probes == 0:
             return cost + 0.5 * jnp.linalg.slogdet(H.as_matrix())[1]
         if key is None:
             raise ValueError("a stochastic log-determinant (probes > 0) needs a key")
-        z = jax.random.rademacher(key, (probes, *v.shape), v.dtype)
-        solve = lambda b: (
-            lx.linear_solve(  # noqa: E731
-                H, b, self.hypergradient_solver
-            ).value
+        structure = H.in_structure()
+        leaves, treedef = jax.tree.flatten(structure)
+        keys = jax.random.split(key, len(leaves))
+        z = jax.tree.unflatten(
+            treedef,
+            [
+                jax.random.rademacher(k, (probes, *s.shape), s.dtype)
+                for k, s in zip(keys, leaves, strict=True)
+            ],
         )
+        cg = getattr(self.adjoint_for(problem), "linear_solver", None) or _default_cg()
+        solve = lambda b: lx.linear_solve(H, b, cg).value  # noqa: E731
         w = jax.lax.stop_gradient(jax.vmap(solve)(z))
-        surrogate = 0.5 * jnp.mean(jax.vmap(lambda a, b: jnp.vdot(a, H.mv(b)))(w, z))
+
+        def product(a, b):
+            hb = H.mv(b)
+            return sum(
+                jnp.vdot(x, y)
+                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(hb), strict=True)
+            )
+
+        surrogate = 0.5 * jnp.mean(jax.vmap(product)(w, z))
         return cost + surrogate - jax.lax.stop_gradient(surrogate)

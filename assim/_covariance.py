@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from simulators import Grid
-from simulators._model import is_concrete
+from simulators import Grid, is_concrete
 
 
 class AbstractCovariance(eqx.Module):
@@ -203,3 +202,20 @@ class SpectralCovariance(AbstractCovariance):
             inverse * x_hat, s=self.grid.shape, axes=axes, norm="ortho"
         )
         return out.astype(x.dtype)
+
+
+class ScaledCovariance(AbstractCovariance):
+    """`s^2 B` for a covariance `B` and a positive scale `s` (e.g. a learned
+    background-error scale): `S_s = s S`."""
+
+    covariance: AbstractCovariance
+    scale: Float[Array, ""] = eqx.field(converter=jnp.asarray)
+
+    def sqrt(self, v):
+        return self.scale * self.covariance.sqrt(v)
+
+    def sqrt_transpose(self, x):
+        return self.scale * self.covariance.sqrt_transpose(x)
+
+    def whiten(self, x):
+        return self.covariance.whiten(x) / self.scale

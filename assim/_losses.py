@@ -1,50 +1,27 @@
-"""Training losses for window networks: supervised (against `truth`), observation
-masking (no ground truth), the variational cost and the optimality residual
-(physics; no ground truth), the marginal likelihood of the observations (bilevel
-networks; no ground truth), and denoising (for a plug-and-play prior). All take one
-window; `batch_loss` vmaps them over a batch."""
+"""Training losses for window networks, as modules: supervised (against `truth`),
+observation masking (no ground truth), the variational cost and the optimality
+residual (physics; no ground truth), the marginal likelihood of the observations
+(bilevel networks; no ground truth), and denoising (for a plug-and-play prior).
+Each takes one window and evaluates the window problem through its methods; a
+training loss is a `WeightedLoss` of them, vmapped over a batch by `batch_loss`."""
 
-import dataclasses
+import abc
+from collections.abc import Mapping
 from typing import Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optimistix as optx
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._batch import Batch
 from ._bilevel import BilevelVar
 from ._observations import ObservationSet
-from ._unrolled import AbstractWindowNet, _held
-from ._var import Control, Var4D, make_solver
+from ._problem import Analysis, WindowProblem
+from ._unrolled import AbstractWindowNet, held
+from ._variational import Variational, incremental
 
 Hide = Literal["points", "sensors"]
-
-
-class Batch(eqx.Module):
-    """A batch of windows: observations stacked along a leading axis (every leaf of
-    the `ObservationSet`) and one background per window; `analysis`, if set, holds
-    the refined 4D-Var analyses the cost loss is evaluated at (`train` sets it from
-    its warm-started store)."""
-
-    obs: ObservationSet
-    background: Float[Array, "batch ..."]
-    analysis: Float[Array, "batch ..."] | None = None
-
-    @classmethod
-    def stack(cls, windows: list[ObservationSet], backgrounds) -> "Batch":
-        obs = jax.tree.map(lambda *leaves: jnp.stack(leaves), *windows)
-        return cls(obs, jnp.stack(list(backgrounds)))
-
-    @property
-    def size(self) -> int:
-        return self.background.shape[0]
-
-    def observed_std(self) -> float:
-        """The spread of the observed values (no truth): the networks' input scale."""
-        values = np.asarray(self.obs.values)[np.asarray(self.obs.mask)]
-        return float(values.std()) or 1.0
 
 
 def hide(obs: ObservationSet, fraction: float, by: Hide, *, key: PRNGKeyArray):
@@ -65,74 +42,131 @@ def hide(obs: ObservationSet, fraction: float, by: Hide, *, key: PRNGKeyArray):
         drop = jnp.broadcast_to(drop, obs.mask.shape)
     else:
         raise ValueError(f"hide by must be 'points' or 'sensors', got {by!r}")
-    visible = dataclasses.replace(obs, mask=obs.mask & ~drop, truth=None)
-    hidden = dataclasses.replace(obs, mask=obs.mask & drop, truth=None)
+    visible = eqx.tree_at(
+        lambda o: (o.mask, o.truth), obs, (obs.mask & ~drop, None), is_leaf=_is_none
+    )
+    hidden = eqx.tree_at(
+        lambda o: (o.mask, o.truth), obs, (obs.mask & drop, None), is_leaf=_is_none
+    )
     return visible, hidden
+
+
+def _is_none(x):
+    return x is None
+
+
+class AbstractLoss(eqx.Module):
+    """A training loss on one window:
+    `loss(net, problem, window, background, *, key, windows, analysis)`.
+
+    `windows`: the number of training windows that share the learned parameters'
+    prior (the cost loss's); `analysis`: a refined analysis of the window kept by
+    `train` (the refined cost loss's). Losses ignore what they do not use."""
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        net: AbstractWindowNet,
+        problem: WindowProblem,
+        window: ObservationSet,
+        background: Array,
+        *,
+        key: PRNGKeyArray,
+        windows: int = 1,
+        analysis: Array | None = None,
+    ) -> Float[Array, ""]:
+        """The loss's value."""
 
 
 def _mean_square(r, weight):
     return jnp.sum(weight * r**2) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
-def supervised_loss(net: AbstractWindowNet, obs: ObservationSet, background) -> Array:
-    """Mean squared error of the analysed trajectory against `obs.truth`, divided by
-    `net.scale ** 2` (twin experiments only)."""
-    if obs.truth is None:
-        raise ValueError("the supervised loss needs 'truth' (a twin experiment)")
-    trajectory = net.analysis(obs, background)
-    return jnp.mean((trajectory - obs.truth) ** 2) / net.scale**2
+class Supervised(AbstractLoss):
+    """Mean squared error of the analysed trajectory against `window.truth`, divided
+    by `net.scale ** 2` (twin experiments only)."""
+
+    def __call__(self, net, problem, window, background, **_):
+        if window.truth is None:
+            raise ValueError("the supervised loss needs 'truth' (a twin experiment)")
+        trajectory = net.trajectory(problem, window, background)
+        return jnp.mean((trajectory - window.truth) ** 2) / net.scale**2
 
 
-def masking_loss(
-    net: AbstractWindowNet,
-    obs: ObservationSet,
-    background,
-    *,
-    key: PRNGKeyArray,
-    fraction: float = 0.2,
-    by: Hide = "points",
-) -> Array:
+class Masking(AbstractLoss):
     """The observation-masking loss: the network assimilates the visible part of the
     window and is scored (mean squared whitened misfit) on the hidden part. It never
-    reads `truth` (both sets are built without it)."""
-    visible, hidden = hide(obs, fraction, by, key=key)
-    trajectory = net.analysis(visible, background)
-    weight = hidden.mask.astype(trajectory.dtype)
-    return _mean_square(hidden.innovations(trajectory), weight)
+    reads `truth` (both sets are built without it).
+
+    **Arguments:**
+
+    - `fraction`: the share hidden.
+    - `by`: `"points"` (each observed value) or `"sensors"` (a location at every
+      time).
+    """
+
+    fraction: float = eqx.field(static=True, default=0.2)
+    by: Hide = eqx.field(static=True, default="points")
+
+    def __check_init__(self):
+        if not 0 < self.fraction < 1:
+            raise ValueError(
+                f"masking fraction must be in (0, 1), got {self.fraction}"
+            )
+        if self.by not in ("points", "sensors"):
+            raise ValueError(
+                f"masking by must be 'points' or 'sensors', got {self.by!r}"
+            )
+
+    def __call__(self, net, problem, window, background, *, key, **_):
+        visible, hidden = hide(window, self.fraction, self.by, key=key)
+        trajectory = net.trajectory(problem, visible, background)
+        weight = hidden.mask.astype(trajectory.dtype)
+        return _mean_square(hidden.innovations(trajectory), weight)
 
 
-def residual_loss(net: AbstractWindowNet, obs: ObservationSet, background) -> Array:
+class Residual(AbstractLoss):
     """The optimality residual at the network's output: the mean square of the
-    B-preconditioned gradient of the window cost (`lambda = 1`),
-    `(x - x_b) + B grad J_o(x)`, divided by `net.scale ** 2`. Zero at a stationary
-    point of 4D-Var; no truth needed."""
-    x = net(obs, background)
-    d = (x - background) + net.observation_gradient(x, obs)
-    return jnp.mean(d**2) / net.scale**2
+    B-preconditioned gradient of the window problem's cost (`x_0 - x_b + B grad J_m`
+    and, weak constraint, `w + grad_w J_m`), divided by `net.scale ** 2`. Zero at a
+    stationary point of 4D-Var; no truth needed."""
+
+    def __call__(self, net, problem, window, background, **_):
+        analysis, _ = net(problem, window, background)
+        problem = net.model_problem(problem)
+        state = Analysis(analysis.initial_state, None, analysis.w)
+        gradient = problem.preconditioned_gradient(state, window)
+        d = (analysis.initial_state - background) + gradient.initial_state
+        value = jnp.mean(d**2)
+        if analysis.w is not None:
+            value = value + jnp.mean((analysis.w + gradient.w) ** 2)
+        return value / net.scale**2
 
 
-def _window_cost(net: AbstractWindowNet, x, obs: ObservationSet, background, windows):
-    v = net.background_covariance.whiten(x - background)
-    value = 0.5 * jnp.sum(v**2) + net.observation_cost(x, obs)
-    if net.theta is not None:
-        squares = sum(jnp.sum(t**2) for t in jax.tree.leaves(net.theta))
-        value = value + 0.5 * squares / windows
-    return value / jnp.maximum(jnp.sum(obs.mask), 1)
+def _cost_per_observation(net, problem, analysis, window, background, windows):
+    """The window problem's cost at `analysis` with the network's correction in the
+    model and the parameters' prior shared by `windows` windows, per observation."""
+    terms = net.corrected(problem).cost_terms(analysis, window, background)
+    value = sum(v for k, v in terms.items() if k != "parameters")
+    if "parameters" in terms:
+        value = value + terms["parameters"] / windows
+    return value / jnp.maximum(jnp.sum(window.mask), 1)
 
 
 def _hold_model(net: AbstractWindowNet) -> AbstractWindowNet:
     """`net` with its model's learned parts (`theta`, the correction) held."""
     return eqx.tree_at(
-        lambda n: (n.theta, n.simulator.correction),
+        lambda n: (n.theta, n.correction),
         net,
-        (_held(net.theta), _held(net.simulator.correction)),
-        is_leaf=lambda x: x is None,
+        (held(net.theta), held(net.correction)),
+        is_leaf=_is_none,
     )
 
 
 def refine_analysis(
     net: AbstractWindowNet,
-    obs: ObservationSet,
+    problem: WindowProblem,
+    window: ObservationSet,
     background,
     x,
     *,
@@ -141,93 +175,129 @@ def refine_analysis(
 ) -> Array:
     """The window's 4D-Var analysis reached from `x` (e.g. a network's output), the
     network's model held: `steps` Gauss-Newton iterations of incremental 4D-Var
-    (`cg_steps` conjugate-gradient iterations each, `make_solver("gauss-newton")`)
-    on `|x - x_b|^2_{B^-1} / 2 + J_o(x)`, started at `x`. Not differentiated (the
-    gradients of `net` and `x` are stopped). For a model linear in the state, one
-    iteration with enough CG iterations is the minimum."""
-    net = _held(net)
-    B = net.background_covariance
-    cost = Var4D(net.model(), background, B, net.observation_interval)
-    start = Control(B.whiten(jax.lax.stop_gradient(x) - background))
-    solution = optx.least_squares(
-        lambda y, args: cost.residuals(y, obs),
-        # Tolerances below reach: the iterations run to `steps` (or a fixed point).
-        make_solver("gauss-newton", rtol=1e-12, atol=1e-12, inner_steps=cg_steps),
-        start,
-        max_steps=steps + 1,  # optimistix's first step only linearises
-        throw=False,
+    (`cg_steps` conjugate-gradient iterations each, `Variational(incremental())`)
+    on the network's problem, started at `x`. Not differentiated (the gradients of
+    `net` and `x` are stopped). For a model linear in the state, one iteration with
+    enough CG iterations is the minimum."""
+    net = held(net)
+    problem = net.model_problem(held(problem))
+    start = problem.control(
+        Analysis(jax.lax.stop_gradient(x), None, None), background
     )
-    return jax.lax.stop_gradient(cost.analysis(solution.value)[0])
+    start = eqx.tree_at(
+        lambda c: c.w,
+        start,
+        problem.initial_control(window, background).w,
+        is_leaf=_is_none,
+    )
+    # Tolerances below reach: the iterations run to `steps` (or a fixed point);
+    # optimistix's first Gauss-Newton step only linearises.
+    solver = Variational(
+        incremental(rtol=1e-12, atol=1e-12, inner_steps=cg_steps), max_steps=steps + 1
+    )
+    analysis, _ = solver(problem, window, background, start=start)
+    return jax.lax.stop_gradient(analysis.initial_state)
 
 
-def cost_loss(
-    net: AbstractWindowNet,
-    obs: ObservationSet,
-    background,
-    *,
-    windows: int = 1,
-    refine: int = 0,
-    refine_cg: int = 20,
-    analysis: Array | None = None,
-) -> Array:
+class Cost(AbstractLoss):
     """The window's 4D-Var cost at the network's output, per observation:
-    `(|x - x_b|^2_{B^-1} / 2 + J_o(x; theta) + |theta|^2 / (2 windows)) / n_obs`,
-    with `theta` the whitened physical parameters (prior `N(0, I)`). Summed over the
-    `windows` training windows it is the joint 4D-Var cost of their analyses and the
-    shared parameters (unsupervised 4DVarNet; it reads the observations whole, no
-    truth). `B` enters unscaled, so it is no criterion for a learned B scale (it
-    falls as B widens): use the evidence for that.
+    `(J_b + J_m(x; theta) + J_theta / windows) / n_obs`, with the parameters' prior
+    term shared by the `windows` training windows (summed over them, the joint
+    4D-Var cost of their analyses and the shared parameters: unsupervised 4DVarNet;
+    it reads the observations whole, no truth). `B` enters unscaled, so it is no
+    criterion for a learned B scale (it falls as B widens): use `Evidence` for that.
 
     With `refine = 0` every learned leaf descends the cost at the network's output,
     so the learned `theta` is the joint MAP estimate only where the analyses reach
-    the 4D-Var minimum: away from it the parameters absorb the network's error
-    (README, bundled dataset). `refine > 0` separates the two: the value is the
-    cost at `x* = refine_analysis(x)` (`refine` Gauss-Newton iterations from the
-    network's output, `refine_cg` CG iterations each), and the model's learned
-    parts (`theta`, the correction) descend it there, which is the gradient of
-    `min_x J(x; theta)` (envelope theorem: `grad_x J(x*) = 0`) and so the joint
-    4D-Var gradient; the network descends the cost at its own output with the
-    model held, learning to start the refinement closer to the minimum.
-    `analysis` (with `refine > 0`) replaces that refinement with an analysis refined
-    elsewhere: `train` keeps one per training window and refines it a little more
-    at every step (warm starts across steps, so that the iterations add up while
-    the parameters move; amortised bilevel optimisation, Arbel & Mairal, ICLR
-    2022)."""
-    if refine == 0:
-        return _window_cost(net, net(obs, background), obs, background, windows)
-    held = _hold_model(net)
-    x = held(obs, background)
-    if analysis is None:
-        analysis = refine_analysis(
-            net, obs, background, x, steps=refine, cg_steps=refine_cg
+    the 4D-Var minimum: away from it the parameters absorb the network's error.
+    `refine > 0` separates the two: the value is the cost at
+    `x* = refine_analysis(x)` (`refine` Gauss-Newton iterations from the network's
+    output, `refine_cg` CG iterations each), and the model's learned parts descend
+    it there, which is the gradient of `min_x J(x; theta)` (envelope theorem) and
+    so the joint 4D-Var gradient; the network descends the cost at its own output
+    with the model held, learning to start the refinement closer to the minimum.
+    `analysis` (given by `train`, which keeps one per training window and refines
+    it a little more at every step: warm starts across steps, amortised bilevel
+    optimisation, Arbel & Mairal, ICLR 2022) replaces that refinement.
+    """
+
+    refine: int = eqx.field(static=True, default=0)
+    refine_cg: int = eqx.field(static=True, default=20)
+
+    def __check_init__(self):
+        if self.refine < 0 or self.refine_cg < 1:
+            raise ValueError(
+                "cost refine must be >= 0 and refine_cg >= 1, got "
+                f"{self.refine} and {self.refine_cg}"
+            )
+
+    def __call__(
+        self, net, problem, window, background, *, windows=1, analysis=None, **_
+    ):
+        if self.refine == 0:
+            estimate, _ = net(problem, window, background)
+            return _cost_per_observation(
+                net, problem, estimate, window, background, windows
+            )
+        model_held = _hold_model(net)
+        estimate, _ = model_held(problem, window, background)
+        if analysis is None:
+            analysis = refine_analysis(
+                net,
+                problem,
+                window,
+                background,
+                estimate.initial_state,
+                steps=self.refine,
+                cg_steps=self.refine_cg,
+            )
+        x_star = Analysis(
+            jax.lax.stop_gradient(analysis), net.parameters(problem), estimate.w
         )
-    x_star = jax.lax.stop_gradient(analysis)
-    own = _window_cost(held, x, obs, background, windows)
-    at_minimum = _window_cost(net, x_star, obs, background, windows)
-    return at_minimum + own - jax.lax.stop_gradient(own)
+        own = _cost_per_observation(
+            model_held, problem, estimate, window, background, windows
+        )
+        at_minimum = _cost_per_observation(
+            net, problem, x_star, window, background, windows
+        )
+        return at_minimum + own - jax.lax.stop_gradient(own)
 
 
-def evidence_loss(
-    net: AbstractWindowNet,
-    obs: ObservationSet,
-    background,
-    *,
-    probes: int = 0,
-    key: PRNGKeyArray | None = None,
-) -> Array:
+class Evidence(AbstractLoss):
     """The negative log marginal likelihood of the window's observations (Laplace
     approximation at the converged 4D-Var solution, `BilevelVar.negative_log_evidence`)
     per observation: type-II maximum likelihood of the B scale, the physical
     parameters and a model-error correction. No truth needed; the bilevel network's
-    inner 4D-Var must be solved to convergence."""
-    if not isinstance(net, BilevelVar):
-        raise ValueError(
-            "the evidence loss needs a bilevel network (assim.BilevelVar): it is the "
-            "marginal likelihood at a converged 4D-Var solution, got "
-            f"{type(net).__name__}"
+    inner 4D-Var must be solved to convergence.
+
+    **Arguments:**
+
+    - `probes`: the log-determinant: 0 exact, `n > 0` a stochastic gradient with
+      `n` probe vectors (large grids).
+    """
+
+    probes: int = eqx.field(static=True, default=0)
+
+    def __check_init__(self):
+        if self.probes < 0:
+            raise ValueError(f"evidence probes must be >= 0, got {self.probes}")
+
+    def __call__(self, net, problem, window, background, *, key, **_):
+        if not isinstance(net, BilevelVar):
+            raise ValueError(
+                "the evidence loss needs a bilevel network (assim.BilevelVar): it is "
+                "the marginal likelihood at a converged 4D-Var solution, got "
+                f"{type(net).__name__}"
+            )
+        # Its own key: the probes independent of a masking loss's draw.
+        value = net.negative_log_evidence(
+            problem,
+            window,
+            background,
+            probes=self.probes,
+            key=jax.random.fold_in(key, 1),
         )
-    value = net.negative_log_evidence(obs, background, probes=probes, key=key)
-    return value / jnp.maximum(jnp.sum(obs.mask), 1)
+        return value / jnp.maximum(jnp.sum(window.mask), 1)
 
 
 def denoising_loss(
@@ -235,84 +305,94 @@ def denoising_loss(
 ) -> Array:
     """Train a plug-and-play prior's denoiser on clean fields `(batch, *grid)`:
     mean squared error of `D(x + noise)` against `x`, divided by `net.scale ** 2`."""
-    if net.prior is None or not hasattr(net.prior, "denoise"):
+    prior = getattr(net, "prior", None)
+    if prior is None or not hasattr(prior, "denoise"):
         raise ValueError("denoising_loss needs a network with a plug-and-play prior")
     noisy = fields + noise_std * jax.random.normal(key, fields.shape, fields.dtype)
-    clean = jax.vmap(net.prior.denoise)(noisy)
+    clean = jax.vmap(prior.denoise)(noisy)
     return jnp.mean((clean - fields) ** 2) / net.scale**2
 
 
-Loss = Literal["supervised", "masking", "residual", "cost", "evidence"]
+class Term(eqx.Module):
+    """A loss and its weight in a `WeightedLoss`."""
+
+    loss: AbstractLoss
+    weight: float = eqx.field(static=True, default=1.0)
 
 
-def window_loss(
-    net: AbstractWindowNet,
-    obs: ObservationSet,
-    background,
-    *,
-    key: PRNGKeyArray,
-    weights: dict[str, float],
-    fraction: float = 0.2,
-    by: Hide = "points",
-    probes: int = 0,
-    windows: int = 1,
-    refine: int = 0,
-    refine_cg: int = 20,
-    analysis: Array | None = None,
-) -> tuple[Array, dict[str, Array]]:
-    """A weighted sum of the named losses (`weights`, e.g. `{"masking": 1.0,
-    "residual": 0.1}`) on one window, and each term. `fraction`, `by`: the masking
-    loss's; `probes`: the evidence loss's log-determinant (0: exact); `windows`,
-    `refine`, `refine_cg`, `analysis`: the cost loss's (the windows that share one
-    parameter prior; the Gauss-Newton refinement of the output)."""
-    terms = {}
-    for name in weights:
-        if name == "supervised":
-            terms[name] = supervised_loss(net, obs, background)
-        elif name == "masking":
-            terms[name] = masking_loss(
-                net, obs, background, key=key, fraction=fraction, by=by
+class WeightedLoss(eqx.Module):
+    """A weighted sum of named losses, e.g.
+    `WeightedLoss({"masking": Term(Masking(0.2)), "cost": Term(Cost(), 0.1)})`.
+    Terms weighted 0 are dropped (not computed); every call returns the total and
+    each term.
+
+    **Arguments:**
+
+    - `terms`: `{name: Term(loss, weight)}` (weights non-negative, one positive).
+    """
+
+    terms: tuple[tuple[str, Term], ...] = eqx.field(static=True)
+
+    def __init__(self, terms: Mapping[str, Term]):
+        terms = dict(terms)
+        for name, term in terms.items():
+            if not isinstance(term, Term) or not isinstance(term.loss, AbstractLoss):
+                raise TypeError(f"loss {name!r} must be a Term of an AbstractLoss")
+            if not term.weight >= 0:
+                raise ValueError(
+                    f"loss weights must be non-negative, got {name}={term.weight}"
+                )
+        kept = tuple(sorted((n, t) for n, t in terms.items() if t.weight > 0))
+        if not kept:
+            raise ValueError(
+                f"losses: no positive weight, got "
+                f"{ {n: t.weight for n, t in terms.items()} }"
             )
-        elif name == "residual":
-            terms[name] = residual_loss(net, obs, background)
-        elif name == "cost":
-            terms[name] = cost_loss(
+        self.terms = kept
+
+    def __call__(
+        self, net, problem, window, background, *, key, windows=1, analysis=None
+    ) -> tuple[Array, dict[str, Array]]:
+        values = {
+            name: term.loss(
                 net,
-                obs,
+                problem,
+                window,
                 background,
+                key=key,
                 windows=windows,
-                refine=refine,
-                refine_cg=refine_cg,
                 analysis=analysis,
             )
-        elif name == "evidence":
-            terms[name] = evidence_loss(
-                net, obs, background, probes=probes, key=jax.random.fold_in(key, 1)
-            )
-        else:
-            raise ValueError(
-                f"unknown loss {name!r}: expected supervised, masking, residual, cost "
-                "or evidence"
-            )
-    total = sum(weights[name] * terms[name] for name in terms)
-    return total, terms
+            for name, term in self.terms
+        }
+        total = sum(term.weight * values[name] for name, term in self.terms)
+        return total, values
+
+    def refined_cost(self) -> Cost | None:
+        """The refined cost loss among the terms (`Cost(refine > 0)`), if any:
+        `train` then keeps a warm-started refined analysis per window."""
+        for _, term in self.terms:
+            if isinstance(term.loss, Cost) and term.loss.refine > 0:
+                return term.loss
+        return None
 
 
 def batch_loss(
+    loss: WeightedLoss,
     net: AbstractWindowNet,
+    problem: WindowProblem,
     batch: Batch,
     *,
     key: PRNGKeyArray,
     windows: int | None = None,
-    **options,
 ):
-    """`window_loss` averaged over a batch (vmapped; one key per window).
-    `windows`: the size of the set the batch is drawn from (default: the batch)."""
+    """`loss` averaged over a batch (vmapped; one key per window). `windows`: the
+    size of the set the batch is drawn from (default: the batch)."""
     keys = jax.random.split(key, batch.size)
     windows = batch.size if windows is None else windows
     total, terms = jax.vmap(
-        lambda o, b, a, k: window_loss(
-            net, o, b, key=k, windows=windows, analysis=a, **options
+        lambda o, b, a, k: loss(
+            net, problem, o, b, key=k, windows=windows, analysis=a
         )
     )(batch.obs, batch.background, batch.analysis, keys)
     return jnp.mean(total), jax.tree.map(jnp.mean, terms)

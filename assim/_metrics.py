@@ -2,18 +2,47 @@
 innovation statistics. Reference first or estimate first is fixed by keyword-only
 arguments, so the two can never be swapped silently."""
 
+from collections import defaultdict
+
 import numpy as np
+
+
+class RootMeanSquare:
+    """A root-mean-square accumulated over parts (e.g. window by window), so that
+    no part needs to stay in memory: `add` values, read `value`."""
+
+    def __init__(self):
+        self.sum = 0.0
+        self.count = 0
+
+    def add(self, values, mask=None) -> "RootMeanSquare":
+        values = np.asarray(values, dtype=np.float64)
+        if mask is not None:
+            values = values[np.broadcast_to(np.asarray(mask, bool), values.shape)]
+        self.sum += float(np.sum(values**2))
+        self.count += values.size
+        return self
+
+    @property
+    def value(self) -> float | None:
+        """The RMS so far (`None` before any value)."""
+        return float(np.sqrt(self.sum / self.count)) if self.count else None
 
 
 def rmse(*, estimate, reference, mask=None) -> float:
     """Root-mean-square of `estimate - reference`, over `mask` when given."""
     diff = np.asarray(estimate, dtype=np.float64) - np.asarray(reference, np.float64)
-    if mask is not None:
-        mask = np.broadcast_to(np.asarray(mask, bool), diff.shape)
-        if not mask.any():
-            raise ValueError("rmse: the mask selects no value")
-        diff = diff[mask]
-    return float(np.sqrt(np.mean(diff**2)))
+    value = RootMeanSquare().add(diff, mask).value
+    if value is None:
+        raise ValueError("rmse: the mask selects no value")
+    return value
+
+
+def mu_from_rms(error_rms: float, truth_rms: float) -> float:
+    """`1 - RMSE / RMS(truth)` from the two root-mean-squares (see `mu_score`)."""
+    if truth_rms == 0:
+        raise ValueError("mu_score: the truth is identically zero")
+    return 1.0 - error_rms / truth_rms
 
 
 def mu_score(*, estimate, truth) -> float:
@@ -21,10 +50,10 @@ def mu_score(*, estimate, truth) -> float:
     predicting zero), as used by the ocean-mapping data challenges (Le Guillou et
     al., J. Atmos. Oceanic Technol. 38, 2021)."""
     truth = np.asarray(truth, dtype=np.float64)
-    rms = float(np.sqrt(np.mean(truth**2)))
-    if rms == 0:
-        raise ValueError("mu_score: the truth is identically zero")
-    return 1.0 - rmse(estimate=estimate, reference=truth) / rms
+    return mu_from_rms(
+        rmse(estimate=estimate, reference=truth),
+        RootMeanSquare().add(truth).value,
+    )
 
 
 def effective_resolution(*, estimate, truth, spacing: float) -> float:
@@ -93,3 +122,102 @@ def innovation_statistics(*, observations, forecast, error_std, mask) -> dict:
         "chi2_normalised": float(np.mean((d / sigma) ** 2)),
         "count": int(d.size),
     }
+
+
+class Scores:
+    """A run's scores accumulated window by window from `WindowResult`s, so that no
+    window's states need to stay in memory: RMSE against the assimilated and the
+    withheld observations (analysis and background), against the truth when the
+    windows have one (with the mu score, and the effective resolution on 2D grids),
+    the RMSE per observation time (for plots), and snapshots of the analysis at
+    chosen time indices.
+
+    **Arguments:**
+
+    - `grid`: the states' grid (spacing for the effective resolution).
+    - `snapshot_times`: indices into the run's observation times whose analysis
+      states are kept (`snapshots`).
+    """
+
+    def __init__(self, grid, snapshot_times=()):
+        self.grid = grid
+        self.rms = defaultdict(RootMeanSquare)
+        self.spectra = None
+        self.truth = True
+        self.times = 0
+        self.snapshot_times = set(int(t) for t in snapshot_times)
+        self.snapshots: dict[int, np.ndarray] = {}
+        self.series = defaultdict(list)  # RMSE per observation time
+
+    def add(self, result) -> None:
+        """Score one window's result (its `window` holds the observations, the
+        withheld ones included)."""
+        window = result.window
+        analysis = np.asarray(result.analysis, np.float64)
+        background = np.asarray(result.background, np.float64)
+        predicted = np.asarray(window.operator(analysis), np.float64)
+        predicted_b = np.asarray(window.operator(background), np.float64)
+        values = np.asarray(window.values, np.float64)
+        used = np.asarray(window.mask, bool)
+        held = (
+            np.zeros_like(used)
+            if window.withheld is None
+            else np.asarray(window.withheld, bool)
+        )
+        self.rms["obs_assimilated"].add(predicted - values, used)
+        self.rms["background_obs_assimilated"].add(predicted_b - values, used)
+        self.rms["obs_heldout"].add(predicted - values, held)
+        self.rms["background_obs_heldout"].add(predicted_b - values, held)
+        for k in range(len(result.times)):
+            if self.times + k in self.snapshot_times:
+                self.snapshots[self.times + k] = analysis[k]
+        self.times += len(result.times)
+        self.series["time"].extend(np.asarray(result.times).tolist())
+        per_time = tuple(range(1, analysis.ndim))
+        self.truth = self.truth and window.truth is not None
+        if not self.truth:
+            reported = used | held
+            axes = tuple(range(1, values.ndim))
+            error = np.where(reported, predicted - values, 0.0) ** 2
+            self.series["analysis"].extend(
+                np.sqrt(error.sum(axes) / np.maximum(reported.sum(axes), 1))
+            )
+            return
+        truth = np.asarray(window.truth, np.float64)
+        self.rms["truth"].add(analysis - truth)
+        self.rms["background_truth"].add(background - truth)
+        self.rms["truth_norm"].add(truth)
+        for key, state in (("analysis", analysis), ("background", background)):
+            self.series[key].extend(np.sqrt(np.mean((state - truth) ** 2, per_time)))
+        if self.grid.ndim == 2:
+            spectra = error_spectra(estimate=analysis, truth=truth)
+            self.spectra = (
+                spectra
+                if self.spectra is None
+                else tuple(a + b for a, b in zip(self.spectra, spectra, strict=True))
+            )
+
+    def metrics(self) -> dict:
+        """The scores as `metrics.json` names them (`None` where nothing was
+        scored, e.g. no withheld observation)."""
+        value = lambda key: self.rms[key].value  # noqa: E731
+        found = {
+            "rmse_obs_assimilated": value("obs_assimilated"),
+            "rmse_background_obs_assimilated": value("background_obs_assimilated"),
+            "rmse_obs_heldout": value("obs_heldout"),
+        }
+        if found["rmse_obs_heldout"] is not None:
+            found["rmse_background_obs_heldout"] = value("background_obs_heldout")
+        if not self.truth:
+            found["rmse_background"] = found["rmse_background_obs_assimilated"]
+            return found
+        found["rmse_truth"] = value("truth")
+        found["rmse_background"] = value("background_truth")
+        found["mu_score"] = mu_from_rms(found["rmse_truth"], value("truth_norm"))
+        if self.spectra is not None:
+            found["effective_resolution"] = resolution_from_spectra(
+                *self.spectra,
+                n=self.grid.shape[-1],
+                spacing=self.grid.spacing[-1],
+            )
+        return found

@@ -1,5 +1,6 @@
 """Sparse gridded observations from CF NetCDF files: open lazily, validate, window."""
 
+import dataclasses
 from pathlib import Path
 
 import equinox as eqx
@@ -126,6 +127,8 @@ class ObservationSet(eqx.Module):
     - `operator`: the observation operator `H` from states `(time, *grid)` to the
       shape of `values`; default `GridSelection()` (sensors on grid points, the grid's
       shape). With `LinearInterpolation` the values are `(time, sensors)`.
+    - `withheld`: observations kept out of the assimilation for scoring (held-out
+      sensors; `withhold`), or `None`. Methods read `mask` only.
     """
 
     values: Float[Array, "time ..."]
@@ -134,11 +137,12 @@ class ObservationSet(eqx.Module):
     times: Float[Array, " time"]
     truth: Float[Array, "time ..."] | None = None
     operator: AbstractObservationOperator = GridSelection()
+    withheld: Bool[Array, "time ..."] | None = None
 
     def __check_init__(self):
         shape = self.values.shape
-        for name in ("mask", "error_std"):
-            if getattr(self, name).shape != shape:
+        for name in ("mask", "error_std", "withheld"):
+            if getattr(self, name) is not None and getattr(self, name).shape != shape:
                 raise ValueError(
                     f"observation {name} has shape {getattr(self, name).shape}, "
                     f"values have {shape}"
@@ -152,6 +156,15 @@ class ObservationSet(eqx.Module):
     @property
     def n_times(self) -> int:
         return self.values.shape[0]
+
+    def withhold(self, points) -> "ObservationSet":
+        """The window with the observations at `points` (a boolean mask of one
+        time's values, e.g. held-out sensor locations, or of all of them) moved from
+        `mask` to `withheld`: kept with the window for scoring, never assimilated."""
+        points = jnp.broadcast_to(jnp.asarray(points, bool), self.mask.shape)
+        return dataclasses.replace(
+            self, mask=self.mask & ~points, withheld=self.mask & points
+        )
 
     def innovations(self, states: Array) -> Array:
         """Whitened misfits `(H x - y) / sigma` where a sensor reported, else 0."""

@@ -15,7 +15,7 @@ import xarray as xr
 
 from simulators import Grid
 
-from ._losses import Batch
+from ._batch import Batch, windows_batch
 from ._observations import (
     ObservationError,
     ObservationSet,
@@ -296,8 +296,6 @@ class WindowStream:
     def batch(self, indices: Sequence[int]) -> Batch:
         """The windows `indices` stacked, each with the constant background at its
         mean observed value (no truth; as `windows_batch`)."""
-        from ._train import windows_batch
-
         return windows_batch([self[int(k)] for k in indices], self.grid_shape)
 
     def batches(self, index_lists: Iterable[Sequence[int]]) -> Iterator[Batch]:

@@ -17,7 +17,8 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import PyTree
 
-from ._losses import Batch, batch_loss, refine_analysis
+from ._batch import Batch
+from ._losses import Masking, Term, WeightedLoss, batch_loss, refine_analysis
 from ._parallel import (
     batch_mesh,
     batch_sharding,
@@ -25,6 +26,7 @@ from ._parallel import (
     replicate,
     shard_batch,
 )
+from ._problem import WindowProblem
 from ._stream import WindowStream
 from ._unrolled import AbstractWindowNet
 
@@ -46,18 +48,12 @@ class TrainSettings:
       parameters (`theta`; default `learning_rate`). Adam moves each coordinate by
       about the learning rate per step, so a whitened parameter field that must
       travel O(1) from its prior needs a larger rate than the network's weights.
-    - `losses`: weights of the loss terms (supervised, masking, residual, cost,
-      evidence), e.g. `{"masking": 1.0}` (terms weighted 0 are not computed).
-    - `mask_fraction`, `mask_by`: the masking loss's hidden share and unit.
-    - `evidence_probes`: the evidence loss's log-determinant (0: exact; `n > 0`:
-      a stochastic gradient with `n` probe vectors, for large grids).
-    - `cost_refine`, `cost_refine_cg`: the cost loss's Gauss-Newton refinement
-      (`cost_loss`'s `refine`, `refine_cg`; 0: none). With it the physical
-      parameters learn the joint 4D-Var estimate instead of absorbing the network's
-      error. `train` keeps one refined analysis per training window, started at the
-      network's output and refined further at each step that draws the window
-      (warm starts: the iterations add up across steps); it is checkpointed with
-      the parameters, so a resumed run continues exactly.
+    - `loss`: a `WeightedLoss` (default: the masking loss alone). With a refined
+      cost loss (`Cost(refine > 0)`) `train` keeps one refined analysis per
+      training window, started at the network's output and refined further at
+      each step that draws the window (warm starts: the iterations add up across
+      steps); it is checkpointed with the parameters, so a resumed run continues
+      exactly.
     - `validate_every`, `checkpoint_every`: in steps (0: only at the end).
     - `seed`: batches and masks are drawn from `fold_in(seed, step)`, so that a
       resumed run draws what the uninterrupted run would have.
@@ -70,12 +66,9 @@ class TrainSettings:
     warmup_steps: int = 10
     final_fraction: float = 0.1
     clip_norm: float = 1.0
-    losses: dict = dataclasses.field(default_factory=lambda: {"masking": 1.0})
-    mask_fraction: float = 0.2
-    mask_by: str = "points"
-    evidence_probes: int = 0
-    cost_refine: int = 0
-    cost_refine_cg: int = 20
+    loss: WeightedLoss = dataclasses.field(
+        default_factory=lambda: WeightedLoss({"masking": Term(Masking())})
+    )
     validate_every: int = 50
     checkpoint_every: int = 50
     seed: int = 0
@@ -86,23 +79,10 @@ class TrainSettings:
         rates = (self.learning_rate, self.parameter_learning_rate or 1.0)
         if not all(rate > 0 for rate in rates):
             raise ValueError(f"learning rates must be positive, got {rates}")
-        if self.evidence_probes < 0:
-            raise ValueError(
-                f"evidence_probes must be >= 0, got {self.evidence_probes}"
+        if not isinstance(self.loss, WeightedLoss):
+            raise TypeError(
+                f"loss must be a WeightedLoss, got {type(self.loss).__name__}"
             )
-        if self.cost_refine < 0 or self.cost_refine_cg < 1:
-            raise ValueError(
-                "cost_refine must be >= 0 and cost_refine_cg >= 1, got "
-                f"{self.cost_refine} and {self.cost_refine_cg}"
-            )
-        losses = dict(self.losses)
-        if any(w < 0 for w in losses.values()):
-            raise ValueError(f"losses must be non-negative weights, got {losses}")
-        losses = {name: w for name, w in losses.items() if w > 0}  # 0: not computed
-        if not losses:
-            raise ValueError(f"losses: no positive weight, got {dict(self.losses)}")
-        # A tuple of pairs: the settings are a static (hashable) argument of jit.
-        object.__setattr__(self, "losses", tuple(sorted(losses.items())))
 
     def optimizer(self) -> optax.GradientTransformation:
         def adam(peak):
@@ -123,16 +103,6 @@ class TrainSettings:
                 _parameter_labels,
             )
         return optax.chain(optax.clip_by_global_norm(self.clip_norm), update)
-
-    def loss_options(self) -> dict:
-        return {
-            "weights": dict(self.losses),
-            "fraction": self.mask_fraction,
-            "by": self.mask_by,
-            "probes": self.evidence_probes,
-            "refine": self.cost_refine,
-            "refine_cg": self.cost_refine_cg,
-        }
 
 
 def _parameter_labels(params) -> PyTree[str]:
@@ -187,18 +157,19 @@ def _draw(settings: TrainSettings, step, n: int):
 def _warm_refined(settings: TrainSettings) -> bool:
     """Whether training keeps warm-started refined analyses (the cost loss with
     `cost_refine > 0`)."""
-    return settings.cost_refine > 0 and "cost" in dict(settings.losses)
+    return settings.loss.refined_cost() is not None
 
 
-def _refine_batch(state: TrainState, static, batch: Batch, settings, index):
-    """The batch with its windows' stored analyses refined by `cost_refine`
+def _refine_batch(state: TrainState, static, problem, batch: Batch, settings, index):
+    """The batch with its windows' stored analyses refined by the cost loss's
     Gauss-Newton iterations at the current parameters, and the updated store."""
     if state.analyses is None or index is None:
         return batch, state.analyses
     net = eqx.combine(state.params, static)
+    cost = settings.loss.refined_cost()
     analyses = jax.vmap(
         lambda o, b, x: refine_analysis(
-            net, o, b, x, steps=settings.cost_refine, cg_steps=settings.cost_refine_cg
+            net, problem, o, b, x, steps=cost.refine, cg_steps=cost.refine_cg
         )
     )(batch.obs, batch.background, state.analyses[index])
     batch = eqx.tree_at(lambda b: b.analysis, batch, analyses, is_leaf=_is_none)
@@ -212,18 +183,20 @@ def _is_none(x):
 def _update(
     state: TrainState,
     static,
+    problem: WindowProblem,
     batch: Batch,
     key,
     settings: TrainSettings,
     windows,
     index=None,
 ):
-    batch, analyses = _refine_batch(state, static, batch, settings, index)
+    batch, analyses = _refine_batch(state, static, problem, batch, settings, index)
 
     def loss(params):
         net = eqx.combine(params, static)
-        options = settings.loss_options()
-        return batch_loss(net, batch, key=key, windows=windows, **options)
+        return batch_loss(
+            settings.loss, net, problem, batch, key=key, windows=windows
+        )
 
     (value, terms), grads = eqx.filter_value_and_grad(loss, has_aux=True)(state.params)
     updates, opt_state = settings.optimizer().update(
@@ -239,25 +212,35 @@ def _update(
 
 @eqx.filter_jit
 def _train_step(
-    state: TrainState, static, data: Batch, settings: TrainSettings, sharding
+    state: TrainState,
+    static,
+    problem: WindowProblem,
+    data: Batch,
+    settings: TrainSettings,
+    sharding,
 ):
     index, key = _draw(settings, state.step, data.size)
     # The drawn windows split over the devices (data parallelism); the parameters
     # and the data they are drawn from are replicated, so XLA inserts the
     # gradient's all-reduce.
     batch = jax.lax.with_sharding_constraint(_select(data, index), sharding)
-    return _update(state, static, batch, key, settings, data.size, index)
+    return _update(state, static, problem, batch, key, settings, data.size, index)
 
 
 @eqx.filter_jit
 def _streamed_step(
-    state: TrainState, static, batch: Batch, settings: TrainSettings, windows: int
+    state: TrainState,
+    static,
+    problem: WindowProblem,
+    batch: Batch,
+    settings: TrainSettings,
+    windows: int,
 ):
     """A step on a batch read from a `WindowStream` (already split over devices);
     `windows`: the stream's size. A refined cost loss refines each window from the
     network's output (no store of analyses for an archive larger than memory)."""
     _, key = _draw(settings, state.step, 1)
-    return _update(state, static, batch, key, settings, windows)
+    return _update(state, static, problem, batch, key, settings, windows)
 
 
 def _stream_batches(stream: WindowStream, settings: TrainSettings, start: int):
@@ -271,17 +254,21 @@ def _stream_batches(stream: WindowStream, settings: TrainSettings, start: int):
 
 
 @eqx.filter_jit
-def _evaluate(net: AbstractWindowNet, data: Batch, settings: TrainSettings):
+def _evaluate(net, problem, data: Batch, settings: TrainSettings):
     # A fixed key: the validation masks are the same at every evaluation.
-    value, terms = batch_loss(
-        net, data, key=jax.random.PRNGKey(settings.seed + 1), **settings.loss_options()
-    )
+    key = jax.random.PRNGKey(settings.seed + 1)
+    value, terms = batch_loss(settings.loss, net, problem, data, key=key)
     return {"loss": value, **terms}
 
 
-def evaluate(net: AbstractWindowNet, data: Batch, settings: TrainSettings) -> dict:
+def evaluate(
+    net: AbstractWindowNet,
+    problem: WindowProblem,
+    data: Batch,
+    settings: TrainSettings,
+) -> dict:
     """Validation losses (the training loss terms on `data`, fixed masks)."""
-    return {k: float(v) for k, v in _evaluate(net, data, settings).items()}
+    return {k: float(v) for k, v in _evaluate(net, problem, data, settings).items()}
 
 
 def save_checkpoint(path, state: TrainState, header: dict):
@@ -345,6 +332,7 @@ def network(net: AbstractWindowNet, state: TrainState) -> AbstractWindowNet:
 
 def train(
     net: AbstractWindowNet,
+    problem: WindowProblem,
     data: Batch,
     settings: TrainSettings,
     *,
@@ -362,6 +350,8 @@ def train(
 
     - `net`: the untrained network (its skeleton; the trained leaves come from the
       checkpoint when resuming).
+    - `problem`: the window problem (simulator, covariances, parameter prior) the
+      network analyses; not trained.
     - `data`, `validation`: batches of all training / validation windows; each step
       draws `batch_size` windows from `data`. `data` may be a `WindowStream` over
       an archive larger than memory: each step's windows (the same draws) are then
@@ -389,7 +379,11 @@ def train(
     header = dict(header or {})
     warm = _warm_refined(settings) and not isinstance(data, WindowStream)
     if warm:  # the network's outputs start the refined analyses
-        analyses = _outputs(net, data) if not resume else _outputs_like(net, data)
+        analyses = (
+            _outputs(net, problem, data)
+            if not resume
+            else _outputs_like(net, problem, data)
+        )
         state = eqx.tree_at(lambda s: s.analyses, state, analyses, is_leaf=_is_none)
     if resume:
         if checkpoint is None or not Path(checkpoint).is_file():
@@ -399,6 +393,7 @@ def train(
     if log is not None:
         _write_log(log, records)
     state = replicate(state, mesh)
+    problem = replicate(problem, mesh)
     _, static = _split(net)
     batches = None
     if isinstance(data, WindowStream):
@@ -406,13 +401,13 @@ def train(
 
         def step_fn(state):
             batch = shard_batch(next(batches), mesh)
-            return _streamed_step(state, static, batch, settings, data.size)
+            return _streamed_step(state, static, problem, batch, settings, data.size)
 
     else:
         data = replicate(data, mesh)
 
         def step_fn(state):
-            return _train_step(state, static, data, settings, sharding)
+            return _train_step(state, static, problem, data, settings, sharding)
 
     def save(state):
         if checkpoint is not None:
@@ -450,7 +445,7 @@ def train(
             done = int(state.step) == settings.steps
             every = settings.validate_every
             if validation is not None and (done or (every and (step + 1) % every == 0)):
-                scores = evaluate(network(net, state), validation, settings)
+                scores = evaluate(network(net, state), problem, validation, settings)
                 record["validation"] = scores
             write(record)
             if on_step is not None:
@@ -465,13 +460,15 @@ def train(
 
 
 @eqx.filter_jit
-def _outputs(net: AbstractWindowNet, data: Batch):
-    return jax.vmap(net)(data.obs, data.background)
+def _outputs(net: AbstractWindowNet, problem: WindowProblem, data: Batch):
+    return jax.vmap(lambda o, b: net(problem, o, b)[0].initial_state)(
+        data.obs, data.background
+    )
 
 
-def _outputs_like(net: AbstractWindowNet, data: Batch):
+def _outputs_like(net: AbstractWindowNet, problem: WindowProblem, data: Batch):
     """Zeros shaped as `_outputs` (a structure to load a checkpoint into)."""
-    shape = eqx.filter_eval_shape(_outputs, net, data)
+    shape = eqx.filter_eval_shape(_outputs, net, problem, data)
     return jnp.zeros(shape.shape, shape.dtype)
 
 
@@ -497,22 +494,3 @@ def _read_log(log, upto: int) -> list[dict]:
 def _write_log(log, records):
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     Path(log).write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
-def windows_batch(windows, shape, backgrounds=None) -> Batch:
-    """Stack `ObservationSet` windows into a `Batch`; backgrounds (grid `shape`)
-    default to the constant field at each window's mean observed value (no truth
-    used)."""
-    windows = list(windows)
-    if not windows:
-        raise ValueError("no windows to stack")
-    if backgrounds is None:
-        backgrounds = [obs_mean_background(o, shape) for o in windows]
-    return Batch.stack(windows, backgrounds)
-
-
-def obs_mean_background(obs, shape):
-    """The constant field at the window's mean observed value."""
-    values, mask = np.asarray(obs.values), np.asarray(obs.mask)
-    level = values[mask].mean() if mask.any() else 0.0
-    return jnp.full(tuple(shape), level, obs.values.dtype)

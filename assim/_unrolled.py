@@ -1,8 +1,8 @@
 """Unrolled variational assimilation: K iterations of a B-preconditioned gradient
-method on the window's 4D-Var cost, turned into K trainable layers."""
+method on the window problem's cost, turned into K trainable layers; and the base of
+every trainable analyser."""
 
 import abc
-from collections.abc import Callable
 
 import equinox as eqx
 import equinox.internal as eqxi
@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from simulators import Simulator
+from simulators import Grid
 
-from ._covariance import AbstractCovariance
+from ._analyser import AbstractAnalyser, Info, fixed_steps_info
 from ._networks import (
     ConvLSTMSolver,
     ConvNet,
@@ -22,73 +22,58 @@ from ._networks import (
     WarmStart,
 )
 from ._observations import ObservationSet
+from ._problem import Analysis, WindowProblem
 
 
 def _logit(p):
     return float(np.log(p / (1 - p)))
 
 
-def _held(tree):
+def held(tree):
     """`tree` with its arrays' gradients stopped."""
     arrays, rest = eqx.partition(tree, eqx.is_array)
     return eqx.combine(jax.lax.stop_gradient(arrays), rest)
 
 
-def _check_learnable(theta, set_parameters):
-    """Learned parameters come with the map that places them."""
-    if (theta is None) != (set_parameters is None):
-        raise ValueError("theta and set_parameters go together")
+class AbstractWindowNet(AbstractAnalyser):
+    """A trainable analyser: its learned leaves (`trainable()`) include physical
+    parameters `theta` (the controls of the problem's `set_parameters`, shared by
+    every window) and a model-error correction placed inside the simulator's step;
+    both enter the problem through `model_problem`. The training losses and `train`
+    work with any subclass."""
 
-
-class AbstractWindowNet(eqx.Module):
-    """A trainable map from a window's observations and background to its analysed
-    initial state, through a simulator whose physical parameters (`theta`, placed by
-    `set_parameters`) and model-error correction may be learned. The training losses
-    and `train` work with any subclass."""
-
-    simulator: eqx.AbstractVar[Simulator]
-    background_covariance: eqx.AbstractVar[AbstractCovariance]
     theta: eqx.AbstractVar[PyTree[Array] | None]
-    set_parameters: eqx.AbstractVar[Callable | None]
-    observation_interval: eqx.AbstractVar[int]
+    correction: eqx.AbstractVar[eqx.Module | None]
     scale: eqx.AbstractVar[float]
-
-    @abc.abstractmethod
-    def __call__(self, obs: ObservationSet, background: Array) -> Array:
-        """The analysed initial state of the window (`background`'s shape)."""
 
     @abc.abstractmethod
     def trainable(self) -> PyTree[bool]:
         """A filter spec of the learned leaves."""
 
-    def model(self) -> Simulator:
-        """The simulator with the learned parameters in place."""
-        if self.set_parameters is None:
-            return self.simulator
-        return self.set_parameters(self.simulator, self.theta)
+    def parameters(self, problem: WindowProblem) -> PyTree[Array] | None:
+        """The parameter controls the network's model runs with: its learned
+        `theta`, or the problem's prior mean when it learns none."""
+        return problem.parameter_background if self.theta is None else self.theta
 
-    def trajectory(self, x0: Array, n_times: int, simulator=None) -> Array:
-        """The model states at the `n_times` observation times from `x0`."""
-        simulator = self.model() if simulator is None else simulator
-        k = self.observation_interval
-        return simulator.rollout(x0, (n_times - 1) * k, every=k)
+    def corrected(self, problem: WindowProblem) -> WindowProblem:
+        """The problem with the network's correction in the simulator's step."""
+        if self.correction is None:
+            return problem
+        return problem.with_correction(self.correction)
 
-    def observation_cost(self, x0, obs: ObservationSet, simulator=None):
-        """`J_o(x0) = |(H M(x0) - y) / sigma|^2 / 2` over the reporting sensors."""
-        r = obs.innovations(self.trajectory(x0, obs.n_times, simulator))
-        return 0.5 * jnp.sum(r**2)
+    def model_problem(self, problem: WindowProblem) -> WindowProblem:
+        """The problem the network analyses: its correction in the step and its
+        parameters fixed in the model (no longer estimated per window)."""
+        return self.corrected(problem).with_parameters(self.parameters(problem))
 
-    def observation_gradient(self, x0, obs: ObservationSet, simulator=None):
-        """`B grad J_o(x0)`: the B-preconditioned gradient of the observation term."""
-        g = jax.grad(self.observation_cost)(x0, obs, simulator)
-        B = self.background_covariance
-        return B.sqrt(B.sqrt_transpose(g))
-
-    def analysis(self, obs: ObservationSet, background: Array) -> Array:
+    def trajectory(
+        self, problem: WindowProblem, window: ObservationSet, background: Array
+    ) -> Array:
         """The analysed trajectory at the window's observation times."""
-        return self.trajectory(self(obs, background), obs.n_times)
+        analysis, _ = self(problem, window, background)
+        return self.model_problem(problem).trajectory(analysis, window.n_times)
 
-    def _learned_spec(self, learned: Callable) -> PyTree[bool]:
+    def _learned_spec(self, learned) -> PyTree[bool]:
         spec = jax.tree.map(lambda _: False, self)
         values = jax.tree.map(eqx.is_inexact_array, learned(self))
         return eqx.tree_at(learned, spec, values, is_leaf=lambda x: x is None)
@@ -97,22 +82,27 @@ class AbstractWindowNet(eqx.Module):
 class UnrolledVar(AbstractWindowNet):
     """An unrolled variational assimilation network.
 
-    Each of the `K` layers is one iteration on the window cost
-    `J_k(x) = lambda_k |x - x_b|^2_{B^-1} / 2 + |(H M(x) - y) / sigma|^2 / 2`,
-    preconditioned by `B` (no `B^-1` is needed):
+    Each of the `K` layers is one iteration on the window problem's cost with a
+    learned weight on its background term,
+    `J_k(x_0, w) = lambda_k |x_0 - x_b|^2_{B^-1} / 2 + J_m(x_0, w)`
+    (`J_m`: every other term of the problem: observations, model error, extra
+    terms; `WindowProblem.state_cost`), preconditioned by `B` for the state (no
+    `B^-1` is needed) and by the identity for the whitened model-error forcings `w`
+    of a weak-constraint problem:
 
-    `d_k = lambda_k (z_k - x_b) + B grad J_o(z_k)`,
+    `d_k = lambda_k (z_k - x_b) + B grad_{x_0} J_m(z_k)`,
     `z_k = x_k + beta_k (x_k - x_{k-1})` (Nesterov momentum),
     `x_{k+1} = P_k(z_k - alpha_k d_k - u_k)`,
 
-    where the data-consistency gradient `grad J_o` runs through the simulator's
-    adjoint, `alpha_k` are learned step sizes, `lambda_k` learned regularisation
-    weights (non-increasing under `continuation`), `beta_k` a learned momentum
-    schedule, `u_k` the update of a ConvLSTM gradient solver (4DVarNet style) and
-    `P_k` a learned proximal operator or plug-and-play denoiser. `x_0` is the
-    background or a warm-start network's first guess. Unknown physical parameters
-    (`theta`, placed by `set_parameters`) and a model-error correction
-    (`simulator.correction`) are trainable too: they enter every layer's rollout.
+    and `w_{k+1} = z^w_k - alpha_k (z^w_k + grad_w J_m)` alike, where the gradients
+    run through the simulator's adjoint, `alpha_k` are learned step sizes,
+    `lambda_k` learned regularisation weights (non-increasing under
+    `continuation`), `beta_k` a learned momentum schedule, `u_k` the update of a
+    ConvLSTM gradient solver (4DVarNet style) and `P_k` a learned proximal operator
+    or plug-and-play denoiser. `x_0` is the background or a warm-start network's
+    first guess. Unknown physical parameters (`theta`, the controls of the
+    problem's `set_parameters`) and a model-error correction (`correction`) are
+    trainable too: they enter every layer's rollout (`model_problem`).
 
     Hypergradients are by backpropagation through the layers: with `checkpoints`
     set, the layer loop is a binomially checkpointed loop (equinox's checkpointed
@@ -121,24 +111,21 @@ class UnrolledVar(AbstractWindowNet):
 
     **Arguments:**
 
-    - `simulator`: the model (its `correction`, if any, is trained).
-    - `background_covariance`: `B`.
+    - `grid`: the state's grid (the networks' shapes).
     - `n_layers`: `K`.
-    - `observation_interval`: model steps between observation times.
     - `n_times`: observation times per window (for the warm-start network).
     - `step`: initial step size; `regularisation`: initial `lambda`.
     - `continuation`, `momentum`, `prior` (`None | "proximal" | "pnp"`),
       `gradient_solver`, `warm_start`: the learned parts to include.
-    - `theta`, `set_parameters`: learned physical parameters and how they enter the
-      simulator (`set_parameters(simulator, theta) -> simulator`).
+    - `theta`: initial learned parameter controls (e.g. `Parameter.zeros()`), or
+      `None` to run with the problem's prior mean.
+    - `correction`: a learned model-error correction (e.g. `NeuralCorrection`).
     - `scale`: typical amplitude of the state (normalises the networks' inputs).
     - `width`, `depth`, `kernel`, `hidden`: network sizes.
     - `checkpoints`: see above.
     - `key`: initialisation key.
     """
 
-    simulator: Simulator
-    background_covariance: AbstractCovariance
     log_step: Float[Array, " K"]
     regularisation: Float[Array, " K"]
     momentum: Float[Array, " K"] | None
@@ -147,19 +134,16 @@ class UnrolledVar(AbstractWindowNet):
     gradient_solver: ConvLSTMSolver | None
     warm_start: WarmStart | None
     theta: PyTree[Array] | None
-    set_parameters: Callable | None
-    observation_interval: int = eqx.field(static=True)
+    correction: eqx.Module | None
     continuation: bool = eqx.field(static=True)
     scale: float = eqx.field(static=True)
     checkpoints: int | None = eqx.field(static=True)
 
     def __init__(
         self,
-        simulator: Simulator,
-        background_covariance: AbstractCovariance,
+        grid: Grid,
         n_layers: int,
         *,
-        observation_interval: int = 1,
         n_times: int = 1,
         step: float = 0.5,
         regularisation: float = 1.0,
@@ -169,7 +153,7 @@ class UnrolledVar(AbstractWindowNet):
         gradient_solver: bool = False,
         warm_start: bool = False,
         theta: PyTree[Array] | None = None,
-        set_parameters: Callable | None = None,
+        correction: eqx.Module | None = None,
         scale: float = 1.0,
         width: int = 16,
         depth: int = 3,
@@ -188,13 +172,9 @@ class UnrolledVar(AbstractWindowNet):
             raise ValueError(f"checkpoints must be None or >= 1, got {checkpoints}")
         # Training differentiates the adjoint in each layer (reverse over reverse),
         # which every scheme supports, Newton-Krylov stages included.
-        _check_learnable(theta, set_parameters)
-        grid = simulator.model.grid
         dtype = jnp.zeros(()).dtype
         k_prior, k_solver, k_warm = jax.random.split(key, 3)
         K = n_layers
-        self.simulator = simulator
-        self.background_covariance = background_covariance
         self.log_step = jnp.full((K,), np.log(step), dtype)
         if continuation:
             # lambda_k = lambda_0 prod_{j <= k} sigmoid(a_j): non-increasing; the first
@@ -230,8 +210,7 @@ class UnrolledVar(AbstractWindowNet):
             else None
         )
         self.theta = theta
-        self.set_parameters = set_parameters
-        self.observation_interval = int(observation_interval)
+        self.correction = correction
         self.continuation = bool(continuation)
         self.scale = float(scale)
         self.checkpoints = checkpoints
@@ -251,8 +230,7 @@ class UnrolledVar(AbstractWindowNet):
 
     def trainable(self) -> PyTree[bool]:
         """A filter spec: the learned leaves (steps, weights, networks, parameters,
-        the model-error correction); the simulator's other fields and `B` stay
-        fixed."""
+        the model-error correction)."""
         learned = lambda m: (  # noqa: E731
             m.log_step,
             m.regularisation,
@@ -262,86 +240,121 @@ class UnrolledVar(AbstractWindowNet):
             m.gradient_solver,
             m.warm_start,
             m.theta,
-            m.simulator.correction,
+            m.correction,
         )
         return self._learned_spec(learned)
 
-    def curvature(self, obs: ObservationSet, background: Array, iterations: int = 20):
-        """The largest eigenvalue of the B-preconditioned Gauss-Newton Hessian of the
-        observation term at `background` (power iteration on
-        `v -> B H'^T R^-1 H' v`, matrix-free), plus the regularisation `lambda_1`:
-        a gradient step below `1 / curvature` is stable on the window's quadratic
-        model, which is how `with_stable_steps` sets the initial steps."""
-        simulator = self.model()
+    def layer_cost(
+        self,
+        problem: WindowProblem,
+        k: int,
+        analysis: Analysis,
+        window: ObservationSet,
+        background: Array,
+    ) -> Float[Array, ""]:
+        """`J_k`, the cost layer `k` descends: the problem's cost with the
+        background term weighted by `lambda_k` (`lambda_k = 1`: the problem's)."""
+        problem = self.model_problem(problem)
+        v = problem.background_covariance.whiten(analysis.initial_state - background)
+        lam = self.regularisation_weights()[k]
+        return lam * 0.5 * jnp.sum(v**2) + problem.state_cost(analysis, window)
 
-        def residual(x):
-            return obs.innovations(self.trajectory(x, obs.n_times, simulator))
+    def curvature(
+        self,
+        problem: WindowProblem,
+        window: ObservationSet,
+        background: Array,
+        iterations: int = 20,
+    ):
+        """The largest eigenvalue of the problem's Gauss-Newton Hessian at the
+        background (power iteration, matrix-free) less its identity part, i.e. of
+        the B-preconditioned observation (and model-error) term, plus the
+        regularisation `lambda_1`: a gradient step below `1 / curvature` is stable on
+        the window's quadratic model, which is how `with_stable_steps` sets the
+        initial steps."""
+        problem = self.model_problem(problem)
+        start = problem.initial_control(window, background)
+        hessian = problem.gauss_newton(start, window, background)
+        leaves = jax.tree.leaves(hessian.in_structure())
+        size = sum(leaf.size for leaf in leaves)
+        v = jax.tree.map(
+            lambda s: jnp.ones(s.shape, s.dtype) / np.sqrt(size),
+            hessian.in_structure(),
+        )
 
-        _, linear = jax.linearize(residual, background)
-        transpose = jax.linear_transpose(linear, background)
-        B = self.background_covariance
-
-        def apply(v):
-            (g,) = transpose(linear(v))
-            return B.sqrt(B.sqrt_transpose(g))
-
-        v = jnp.ones_like(background) / np.sqrt(background.size)
+        def norm(tree):
+            return jnp.sqrt(sum(jnp.sum(a**2) for a in jax.tree.leaves(tree)))
 
         def body(_, carry):
             v, _ = carry
-            w = apply(v)
-            norm = jnp.linalg.norm(w)
-            return w / jnp.where(norm > 0, norm, 1.0), norm
+            w = hessian.mv(v)
+            n = norm(w)
+            return jax.tree.map(lambda a: a / jnp.where(n > 0, n, 1.0), w), n
 
-        _, top = jax.lax.fori_loop(0, iterations, body, (v, jnp.zeros((), v.dtype)))
-        return top + self.regularisation_weights()[0]
+        zero = jnp.zeros((), background.dtype)
+        _, top = jax.lax.fori_loop(0, iterations, body, (v, zero))
+        return top - 1.0 + self.regularisation_weights()[0]
 
-    def with_stable_steps(self, obs, background, fraction: float = 1.0):
+    def with_stable_steps(self, problem, window, background, fraction: float = 1.0):
         """The network with every step size set to `fraction / curvature` on one
         window (a stable start for training; the steps are learned afterwards)."""
-        step = fraction / self.curvature(obs, background)
+        step = fraction / self.curvature(problem, window, background)
         return eqx.tree_at(
             lambda m: m.log_step, self, jnp.full_like(self.log_step, jnp.log(step))
         )
 
-    def first_guess(self, obs: ObservationSet, background: Array) -> Array:
+    def first_guess(self, window: ObservationSet, background: Array) -> Array:
         if self.warm_start is None:
             return background
         _, transpose = jax.vjp(
-            obs.operator, jnp.zeros((obs.n_times, *background.shape), background.dtype)
+            window.operator,
+            jnp.zeros((window.n_times, *background.shape), background.dtype),
         )
-        weights = jnp.where(obs.mask, 1.0, 0.0).astype(background.dtype)
-        (observed,) = transpose(weights * obs.values)
+        weights = jnp.where(window.mask, 1.0, 0.0).astype(background.dtype)
+        (observed,) = transpose(weights * window.values)
         (mask,) = transpose(weights)
         return self.warm_start(background, observed, mask)
 
-    def _layer(self, k, carry, obs, background, simulator):
-        x, previous, memory = carry
-        z = x
+    def _layer(self, k, carry, problem, window, background):
+        (x, w), (x_prev, w_prev), memory = carry
+        z, zw = x, w
         if self.momentum is not None:
-            z = x + jax.nn.sigmoid(self.momentum[k]) * (x - previous)
+            beta = jax.nn.sigmoid(self.momentum[k])
+            z = x + beta * (x - x_prev)
+            if w is not None:
+                zw = w + beta * (w - w_prev)
+        gradient = problem.preconditioned_gradient(Analysis(z, None, zw), window)
         d = self.regularisation_weights()[k] * (z - background)
-        d = d + self.observation_gradient(z, obs, simulator)
-        new = z - jnp.exp(self.log_step[k]) * d
+        d = d + gradient.initial_state
+        alpha = jnp.exp(self.log_step[k])
+        new = z - alpha * d
+        new_w = None if w is None else zw - alpha * (zw + gradient.w)
         if self.gradient_solver is not None:
             norm = jnp.sqrt(jnp.mean(d**2)) + jnp.finfo(d.dtype).tiny ** 0.25
             update, memory = self.gradient_solver(d / norm, z / self.scale, memory)
             new = new - self.scale * update
         if self.prior is not None:
             new = self.prior(new, self.prior_weight[k])
-        return new, x, memory
+        return (new, new_w), (x, w), memory
 
-    def __call__(self, obs: ObservationSet, background: Float[Array, "..."]) -> Array:
-        """The analysed initial state of the window (`background`'s shape)."""
-        simulator = self.model()
-        x = self.first_guess(obs, background)
+    def __call__(
+        self,
+        problem: WindowProblem,
+        window: ObservationSet,
+        background: Float[Array, "..."],
+    ) -> tuple[Analysis, Info]:
+        """The window's analysis after the `K` layers."""
+        theta = self.parameters(problem)
+        problem = self.model_problem(problem)
+        x = self.first_guess(window, background)
+        w = problem.initial_control(window, background).w
         memory = (
             self.gradient_solver.init_state(x)
             if self.gradient_solver is not None
             else None
         )
-        layer = lambda k, c: self._layer(k, c, obs, background, simulator)  # noqa: E731
-        carry = (x, x, memory)
+        layer = lambda k, c: self._layer(k, c, problem, window, background)  # noqa: E731
+        carry = ((x, w), (x, w), memory)
         if self.checkpoints is None:
             carry, _ = jax.lax.scan(
                 lambda c, k: (layer(k, c), None), carry, jnp.arange(self.n_layers)
@@ -355,4 +368,5 @@ class UnrolledVar(AbstractWindowNet):
                 kind="checkpointed",
                 checkpoints=self.checkpoints,
             )
-        return carry[0]
+        x, w = carry[0]
+        return Analysis(x, theta, w), fixed_steps_info(self.n_layers)

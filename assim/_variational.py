@@ -1,0 +1,181 @@
+"""Variational assimilation (3D-Var, strong- and weak-constraint 4D-Var, joint
+state-parameter estimation) as an analyser: an optimistix solver on the window
+problem, run as one compiled loop per window."""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import optimistix as optx
+from jaxtyping import Array
+
+from simulators import DelegatingLinearSolver
+
+from ._analyser import CONVERGED, FAILED, MAX_STEPS, NON_FINITE, AbstractAnalyser, Info
+from ._observations import ObservationSet
+from ._problem import Analysis, Control, WindowProblem
+
+
+class TruncatedCG(DelegatingLinearSolver):
+    """lineax CG whose iteration cap is a truncation, not a failure: the inner loop of
+    incremental 4D-Var stops after `max_steps` CG iterations or at `rtol`, whichever
+    comes first (the usual practice: Gauss-Newton only needs a descent direction)."""
+
+    def compute(self, state, vector, options):
+        value, result, stats = self.inner.compute(state, vector, options)
+        truncated = result == lx.RESULTS.max_steps_reached
+        return value, lx.RESULTS.where(truncated, lx.RESULTS.successful, result), stats
+
+
+def incremental(
+    *,
+    rtol: float = 1e-6,
+    atol: float = 1e-6,
+    inner_steps: int = 20,
+    inner_rtol: float = 1e-3,
+) -> optx.GaussNewton:
+    """Incremental 4D-Var's solver: `optx.GaussNewton` on the residuals, each outer
+    iteration solving the linearised (tangent-linear) problem
+    `(I + S^T M'^T H^T R^-1 H M' S) dv = -grad` with lineax CG on the normal
+    equations (`lx.Normal(TruncatedCG)`, matrix-free: one tangent-linear and one
+    adjoint run per CG iteration), truncated after `inner_steps` iterations. The
+    control-variable transform (`S = B^{1/2}`) is the preconditioner: the Hessian
+    is the identity plus a low-rank observation term. Full Gauss-Newton steps, as in
+    operational incremental 4D-Var (no line search): keep estimated parameters in a
+    bounded transform (`Parameter`) so that an early step cannot leave the model's
+    valid range."""
+    inner = lx.CG(rtol=inner_rtol, atol=0.0, max_steps=inner_steps)
+    return optx.GaussNewton(
+        rtol=rtol, atol=atol, linear_solver=lx.Normal(TruncatedCG(inner))
+    )
+
+
+def _least_squares(solver) -> bool:
+    return isinstance(solver, optx.AbstractLeastSquaresSolver)
+
+
+class Variational(AbstractAnalyser):
+    """A classical variational analysis: the window cost minimised by an optimistix
+    solver from the background (3D-Var with one observation time, strong- or
+    weak-constraint 4D-Var, joint parameter estimation: all set by the problem).
+
+    The solver's `init` / `step` / `terminate` run inside one compiled while loop
+    (no host round trip per iteration), recording the cost and gradient norm of
+    every iterate; so a window's solve can be jitted, vmapped over windows and split
+    over devices. `progress`, if given, is called on the host after every iteration
+    as `progress(iteration, cost)` (`jax.debug.callback`).
+
+    **Arguments:**
+
+    - `solver`: an optimistix minimiser on the cost (e.g. `optx.LBFGS`) or a
+      least-squares solver on the residuals (e.g. `incremental(...)`, Gauss-Newton
+      with truncated CG).
+    - `max_steps`: iteration cap (L-BFGS iterations or Gauss-Newton outer loops);
+      a run that reaches it returns its last iterate (outcome `max_steps`).
+    - `progress`: the host callback above, or `None`.
+    """
+
+    solver: optx.AbstractMinimiser | optx.AbstractLeastSquaresSolver
+    max_steps: int = eqx.field(static=True, default=100)
+    progress: Callable[[int, float], None] | None = eqx.field(
+        static=True, default=None
+    )
+
+    def __check_init__(self):
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if not isinstance(
+            self.solver, (optx.AbstractMinimiser, optx.AbstractLeastSquaresSolver)
+        ):
+            raise TypeError(
+                "Variational needs an optimistix minimiser or least-squares solver, "
+                f"got {type(self.solver).__name__}"
+            )
+
+    def __call__(
+        self,
+        problem: WindowProblem,
+        window: ObservationSet,
+        background: Array,
+        *,
+        start: Control | None = None,
+    ) -> tuple[Analysis, Info]:
+        """The window's analysis; `start` overrides the starting control (default:
+        the background)."""
+        control, info = self.solve(problem, window, background, start=start)
+        return problem.analysis(control, background), info
+
+    def solve(
+        self,
+        problem: WindowProblem,
+        window: ObservationSet,
+        background: Array,
+        *,
+        start: Control | None = None,
+    ) -> tuple[Control, Info]:
+        """As `__call__`, returning the optimal control instead of the analysis."""
+        problem.check_background(background)
+        least_squares = _least_squares(self.solver)
+        if least_squares and problem.simulator.checkpoints is not None:
+            raise ValueError(
+                "Gauss-Newton needs the tangent-linear model (forward mode), which "
+                "binomially checkpointed rollouts do not have: use an L-BFGS solver "
+                "(method=var4d_lbfgs) or simulator checkpoints=None"
+            )
+        if least_squares:
+            fn = lambda y, args: (problem.residuals(y, *args), None)  # noqa: E731
+        else:
+            fn = lambda y, args: (problem.cost(y, *args), None)  # noqa: E731
+        args = (window, background)
+        y0 = problem.initial_control(window, background) if start is None else start
+        f_struct, aux_struct = eqx.filter_eval_shape(fn, y0, args)
+        state = self.solver.init(fn, y0, args, {}, f_struct, aux_struct, frozenset())
+        # The loop carries the state's arrays; the rest (e.g. a linearisation's
+        # jaxpr) is the same at every iteration, as in optimistix's own loop.
+        state, static_state = eqx.partition(state, eqx.is_array)
+        value, gnorm = problem.value_and_grad_norm(y0, *args)
+        nan = jnp.full(self.max_steps + 1, jnp.nan, value.dtype)
+        costs, gnorms = nan.at[0].set(value), nan.at[0].set(gnorm)
+        result = optx.RESULTS.successful
+
+        def cond(carry):
+            steps, _, _, done, _, costs, _ = carry
+            return (~done) & (steps < self.max_steps) & jnp.isfinite(costs[steps])
+
+        def body(carry):
+            steps, y, state, _, _, costs, gnorms = carry
+            state = eqx.combine(state, static_state)
+            y, state, _ = self.solver.step(fn, y, args, {}, state, frozenset())
+            done, result = self.solver.terminate(fn, y, args, {}, state, frozenset())
+            f_info = getattr(state, "f_info", None)
+            if isinstance(f_info, optx.FunctionInfo.EvalGrad):
+                # L-BFGS's state holds the cost and gradient at `y`.
+                value = f_info.f
+                gnorm = jnp.sqrt(
+                    sum(jnp.sum(g**2) for g in jax.tree.leaves(f_info.grad))
+                )
+            else:  # least-squares states hold residuals and a Jacobian operator
+                value, gnorm = problem.value_and_grad_norm(y, *args)
+            steps = steps + 1
+            if self.progress is not None:
+                jax.debug.callback(self.progress, steps, value)
+            costs, gnorms = costs.at[steps].set(value), gnorms.at[steps].set(gnorm)
+            state = eqx.filter(state, eqx.is_array)
+            return steps, y, state, done, result, costs, gnorms
+
+        carry = (jnp.asarray(0), y0, state, jnp.asarray(False), result, costs, gnorms)
+        steps, y, _, done, result, costs, gnorms = jax.lax.while_loop(
+            cond, body, carry
+        )
+        outcome = jnp.where(
+            ~jnp.isfinite(costs[steps]),
+            NON_FINITE,
+            jnp.where(
+                ~done,
+                MAX_STEPS,
+                jnp.where(result == optx.RESULTS.successful, CONVERGED, FAILED),
+            ),
+        )
+        return y, Info(steps, outcome, costs, gnorms)
