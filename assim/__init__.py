@@ -79,6 +79,7 @@ from ._problem import StateBounds as StateBounds
 from ._problem import WindowProblem as WindowProblem
 from ._problem import bounded_log as bounded_log
 from ._stream import WindowStream as WindowStream
+from ._stream import archive_files as archive_files
 from ._stream import open_archive as open_archive
 from ._train import TrainingStopped as TrainingStopped
 from ._train import TrainSettings as TrainSettings

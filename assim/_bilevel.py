@@ -2,6 +2,7 @@
 hyperparameters (background-error scale, physical coefficients, a model-error
 correction) learned through the implicit function theorem at the inner solution."""
 
+import copy
 import dataclasses
 
 import equinox as eqx
@@ -181,6 +182,14 @@ class BilevelVar(AbstractWindowNet):
         self.scale = float(scale)
         self.max_steps = int(max_steps)
         self.throw = bool(throw)
+
+    def with_throw(self, throw: bool) -> "BilevelVar":
+        """The same network whose unconverged inner solve raises (`True`, for
+        training: its hypergradient would be wrong) or is reported in the outcome
+        (`False`, for assimilation)."""
+        new = copy.copy(self)
+        object.__setattr__(new, "throw", bool(throw))
+        return new
 
     def trainable(self) -> PyTree[bool]:
         """The learned leaves: `log s`, `theta` and the correction."""

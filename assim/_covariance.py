@@ -80,6 +80,14 @@ class DiffusionCovariance(AbstractCovariance):
     length_scale: float = eqx.field(static=True)
     order: int = eqx.field(static=True, default=2)
 
+    @classmethod
+    def relative(
+        cls, grid: Grid, std: float, length_fraction: float, order: int = 2
+    ) -> "DiffusionCovariance":
+        """The covariance with correlation length `length_fraction` times the
+        domain's shortest side (a setting that fits any grid, as configs use)."""
+        return cls(grid, std, length_fraction * min(grid.length), order)
+
     def __check_init__(self):
         if is_concrete(self.std) and not np.asarray(self.std) > 0:
             raise ValueError("background error std must be positive")

@@ -110,9 +110,7 @@ class Masking(AbstractLoss):
 
     def __check_init__(self):
         if not 0 < self.fraction < 1:
-            raise ValueError(
-                f"masking fraction must be in (0, 1), got {self.fraction}"
-            )
+            raise ValueError(f"masking fraction must be in (0, 1), got {self.fraction}")
         if self.by not in ("points", "sensors"):
             raise ValueError(
                 f"masking by must be 'points' or 'sensors', got {self.by!r}"
@@ -181,9 +179,7 @@ def refine_analysis(
     enough CG iterations is the minimum."""
     net = held(net)
     problem = net.model_problem(held(problem))
-    start = problem.control(
-        Analysis(jax.lax.stop_gradient(x), None, None), background
-    )
+    start = problem.control(Analysis(jax.lax.stop_gradient(x), None, None), background)
     start = eqx.tree_at(
         lambda c: c.w,
         start,
@@ -391,8 +387,6 @@ def batch_loss(
     keys = jax.random.split(key, batch.size)
     windows = batch.size if windows is None else windows
     total, terms = jax.vmap(
-        lambda o, b, a, k: loss(
-            net, problem, o, b, key=k, windows=windows, analysis=a
-        )
+        lambda o, b, a, k: loss(net, problem, o, b, key=k, windows=windows, analysis=a)
     )(batch.obs, batch.background, batch.analysis, keys)
     return jnp.mean(total), jax.tree.map(jnp.mean, terms)

@@ -135,8 +135,9 @@ class Scores:
     **Arguments:**
 
     - `grid`: the states' grid (spacing for the effective resolution).
-    - `snapshot_times`: indices into the run's observation times whose analysis
-      states are kept (`snapshots`).
+    - `snapshot_times`: positions in the run's sequence of analysed times whose
+      states are kept (`snapshots`: the analysis, the observations and the truth
+      there).
     """
 
     def __init__(self, grid, snapshot_times=()):
@@ -170,7 +171,7 @@ class Scores:
         self.rms["background_obs_heldout"].add(predicted_b - values, held)
         for k in range(len(result.times)):
             if self.times + k in self.snapshot_times:
-                self.snapshots[self.times + k] = analysis[k]
+                self.snapshots[self.times + k] = self._snapshot(result, k)
         self.times += len(result.times)
         self.series["time"].extend(np.asarray(result.times).tolist())
         per_time = tuple(range(1, analysis.ndim))
@@ -196,6 +197,22 @@ class Scores:
                 if self.spectra is None
                 else tuple(a + b for a, b in zip(self.spectra, spectra, strict=True))
             )
+
+    @staticmethod
+    def _snapshot(result, k: int) -> dict:
+        """The analysis at the window's `k`-th time, with the observations there
+        (NaN where none; grid-point sensors only) and the truth when known."""
+        window = result.window
+        snapshot = {"time": float(result.times[k]), "analysis": result.analysis[k]}
+        values = np.asarray(window.values[k], np.float64)
+        if values.shape == snapshot["analysis"].shape:
+            seen = np.asarray(window.mask[k], bool)
+            if window.withheld is not None:
+                seen = seen | np.asarray(window.withheld[k], bool)
+            snapshot["observations"] = np.where(seen, values, np.nan)
+        if window.truth is not None:
+            snapshot["truth"] = np.asarray(window.truth[k])
+        return snapshot
 
     def metrics(self) -> dict:
         """The scores as `metrics.json` names them (`None` where nothing was

@@ -234,3 +234,21 @@ def iter_windows(ds: xr.Dataset, length: int, *, stride: int | None = None):
         yield ObservationSet.from_dataset(
             ds, slice(start, start + length), name=f"window at time index {start}"
         )
+
+
+def observation_interval(ds: xr.Dataset, dt: float) -> int:
+    """Model steps of size `dt` between the dataset's observation times (evenly
+    spaced, a whole number of steps apart)."""
+    times = np.asarray(ds["time"].values, dtype=np.float64)
+    if times.size < 2:
+        return 1
+    spacing = np.diff(times)
+    if not np.allclose(spacing, spacing[0], rtol=1e-6):
+        raise ObservationError("observation times are not evenly spaced")
+    steps = spacing[0] / dt
+    if abs(steps - round(steps)) > 1e-6 * max(1.0, steps):
+        raise ObservationError(
+            f"observation spacing {spacing[0]:g} is not a multiple of the simulator "
+            f"time step dt={dt:g}"
+        )
+    return int(round(steps))

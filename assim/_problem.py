@@ -55,7 +55,7 @@ class Parameter(eqx.Module):
     name: str = eqx.field(static=True)
     background: float = eqx.field(static=True)
     covariance: AbstractCovariance
-    shape: tuple[int, ...] = eqx.field(static=True)
+    shape: tuple[int, ...] = eqx.field(static=True, converter=tuple)
     units: str = eqx.field(static=True, default="1")
     long_name: str = eqx.field(static=True, default="")
     bound: float = eqx.field(static=True, default=3.0)

@@ -194,9 +194,7 @@ def _update(
 
     def loss(params):
         net = eqx.combine(params, static)
-        return batch_loss(
-            settings.loss, net, problem, batch, key=key, windows=windows
-        )
+        return batch_loss(settings.loss, net, problem, batch, key=key, windows=windows)
 
     (value, terms), grads = eqx.filter_value_and_grad(loss, has_aux=True)(state.params)
     updates, opt_state = settings.optimizer().update(

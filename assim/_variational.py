@@ -79,9 +79,7 @@ class Variational(AbstractAnalyser):
 
     solver: optx.AbstractMinimiser | optx.AbstractLeastSquaresSolver
     max_steps: int = eqx.field(static=True, default=100)
-    progress: Callable[[int, float], None] | None = eqx.field(
-        static=True, default=None
-    )
+    progress: Callable[[int, float], None] | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         if self.max_steps < 1:
@@ -166,9 +164,7 @@ class Variational(AbstractAnalyser):
             return steps, y, state, done, result, costs, gnorms
 
         carry = (jnp.asarray(0), y0, state, jnp.asarray(False), result, costs, gnorms)
-        steps, y, _, done, result, costs, gnorms = jax.lax.while_loop(
-            cond, body, carry
-        )
+        steps, y, _, done, result, costs, gnorms = jax.lax.while_loop(cond, body, carry)
         outcome = jnp.where(
             ~jnp.isfinite(costs[steps]),
             NON_FINITE,

@@ -34,7 +34,9 @@ def plot_run(
     plt = _pyplot()
     analysis = snapshots["analysis"]
     reference = snapshots.get("truth")
-    columns = [("observations", snapshots["observations"]), ("analysis", analysis)]
+    columns = [("analysis", analysis)]
+    if "observations" in snapshots:
+        columns.insert(0, ("observations", snapshots["observations"]))
     if reference is not None:
         columns = [("truth", reference), *columns, ("error", analysis - reference)]
     fig, axes = plt.subplots(

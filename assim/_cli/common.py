@@ -1,5 +1,5 @@
-"""Pieces shared by the hydra apps: simulators and their unknown parameters from
-config, twin-experiment generation, error handling."""
+"""Pieces shared by the hydra apps: simulators, window problems and their unknown
+parameters built from config, twin-experiment generation, error handling."""
 
 import logging
 import sys
@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from assim import Parameter, WindowProblem
 from simulators import Grid, Simulator
 
 log = logging.getLogger("assim")
@@ -31,57 +32,81 @@ def source_field(grid: Grid, modes) -> np.ndarray:
     return out
 
 
-class Parameter(eqx.Module):
-    """The simulator's unknown coefficient as a control: `theta` whitened, the
-    physical value `bounded_log(S theta, background)` with `S` the prior's square
-    root (a smooth field, or a scalar std)."""
+def instantiate_trusted(cfg, **kwargs):
+    """`hydra.utils.instantiate` for configs that may come from a file someone else
+    wrote (a checkpoint's header): every `_target_` must name something in this
+    project's packages (`simulators.`, `assim.`, `optimistix.`, `lineax.`), so that
+    loading a file can never call an arbitrary function."""
+    for target in _targets(OmegaConf.to_container(cfg) if _is_config(cfg) else cfg):
+        if not str(target).startswith(_TRUSTED):
+            raise ValueError(
+                f"refusing to build {target!r}: configs may only name "
+                f"{', '.join(p.rstrip('.') for p in _TRUSTED)} objects"
+            )
+    return instantiate(cfg, **kwargs)
 
-    name: str = eqx.field(static=True)
-    background: float = eqx.field(static=True)
-    sqrt: Callable
-    shape: tuple = eqx.field(static=True)
 
-    def value(self, theta):
-        from assim import bounded_log
+_TRUSTED = ("simulators.", "assim.", "optimistix.", "lineax.")
 
-        return bounded_log(self.sqrt(theta), self.background)
 
-    def set(self, simulator: Simulator, theta) -> Simulator:
-        return eqx.tree_at(
-            lambda s: getattr(s.model, self.name), simulator, self.value(theta)
-        )
+def _is_config(cfg) -> bool:
+    return isinstance(cfg, (DictConfig, ListConfig))
+
+
+def _targets(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "_target_":
+                yield value
+            else:
+                yield from _targets(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _targets(value)
 
 
 def build_simulator(cfg: DictConfig) -> tuple[Simulator, Parameter | None]:
-    """The assimilating simulator from a `simulator` config, with its unknown
-    parameter (if any) set to the prior's background value."""
-    model = instantiate(cfg.model, _convert_="all")
+    """The assimilating simulator from a `simulator` config (a model and a scheme),
+    with its unknown parameter (an `assim.Parameter`, if any) at the prior's
+    median."""
+    model = instantiate_trusted(cfg.model, _convert_="all")
     if cfg.get("source_modes"):
         source = source_field(model.grid, OmegaConf.to_object(cfg.source_modes))
         model = eqx.tree_at(lambda m: m.source, model, jnp.asarray(source))
-    scheme = instantiate(cfg.scheme, _convert_="all")
+    scheme = instantiate_trusted(cfg.scheme, _convert_="all")
     # checkpoints: n binomial checkpoints of the rollouts (long windows, large grids;
     # gradients only: use with L-BFGS 4D-Var, not Gauss-Newton's forward mode).
     simulator = Simulator(model, scheme, cfg.dt, checkpoints=cfg.get("checkpoints"))
-    spec = cfg.get("parameter")
-    if not spec:
+    if not cfg.get("parameter"):
         return simulator, None
-    from assim import DiagonalCovariance, DiffusionCovariance
-
-    if spec.kind == "field":
-        sqrt = DiffusionCovariance(model.grid, spec.log_std, spec.length_scale).sqrt
-        shape = model.grid.shape
-    elif spec.kind == "scalar":
-        sqrt = DiagonalCovariance(spec.log_std).sqrt
-        shape = ()
-    else:
-        raise ValueError(f"parameter kind must be 'field' or 'scalar', got {spec.kind}")
-    if not hasattr(model, spec.name):
-        raise ValueError(f"{type(model).__name__} has no parameter {spec.name!r}")
-    parameter = Parameter(spec.name, float(spec.background), sqrt, shape)
-    dtype = jnp.zeros(()).dtype
-    simulator = parameter.set(simulator, jnp.zeros(shape, dtype))
+    parameter = instantiate_trusted(cfg.parameter, _convert_="all")
+    simulator = parameter(simulator, parameter.zeros())
     return simulator, parameter
+
+
+def build_problem(
+    sim_cfg: DictConfig, problem_cfg: DictConfig, interval: int
+) -> tuple[WindowProblem, Parameter | None]:
+    """The window problem from the `simulator` and `problem` configs, with `interval`
+    model steps between observation times; the unknown parameter is estimated when
+    `problem.estimate_parameters` (and the simulator has one)."""
+    simulator, parameter = build_simulator(sim_cfg)
+    grid = simulator.model.grid
+    B = instantiate_trusted(problem_cfg.background_covariance)(grid=grid)
+    Q = problem_cfg.get("model_error_covariance")
+    Q = None if Q is None else instantiate_trusted(Q)(grid=grid)
+    terms = [instantiate_trusted(t) for t in problem_cfg.get("terms") or ()]
+    if not problem_cfg.get("estimate_parameters", True):
+        parameter = None
+    problem = WindowProblem(
+        simulator,
+        B,
+        interval,
+        set_parameters=parameter,
+        model_error_covariance=Q,
+        terms=terms,
+    )
+    return problem, parameter
 
 
 def generate_twin(sim_cfg: DictConfig, twin_cfg: DictConfig, seed: int):
@@ -99,22 +124,27 @@ def generate_twin(sim_cfg: DictConfig, twin_cfg: DictConfig, seed: int):
     truth_simulator = simulator
     names = ["x"] if grid.ndim == 1 else ["y", "x"]
     if parameter is not None:
-        spec = sim_cfg.parameter
+        # The truth's log-parameter: a draw of the prior's Gaussian (field or
+        # scalar), `parameter_scale` times its std.
         scale = float(twin_cfg.truth.parameter_scale)
-        if spec.kind == "field":
-            white = random_field(grid, rng, float(spec.length_scale))
-            true_value = spec.background * np.exp(scale * spec.log_std * white)
+        log_std = float(parameter.covariance.std)
+        if parameter.shape:
+            length = float(parameter.covariance.length_scale)
+            white = random_field(grid, rng, length)
         else:
-            true_value = spec.background * np.exp(scale * spec.log_std * rng.normal())
+            white = rng.normal()
+        true_value = parameter.background * np.exp(scale * log_std * white)
         truth_simulator = eqx.tree_at(
-            lambda s: getattr(s.model, spec.name), simulator, jnp.asarray(true_value)
+            lambda s: getattr(s.model, parameter.name),
+            simulator,
+            jnp.asarray(true_value),
         )
-        extra[f"true_{spec.name}"] = (
+        extra[f"true_{parameter.name}"] = (
             tuple(names) if np.ndim(true_value) else (),
             np.asarray(true_value, np.float64),
             {
-                "units": spec.units,
-                "long_name": f"true {spec.long_name} (evaluation only)",
+                "units": parameter.units,
+                "long_name": f"true {parameter.long_name} (evaluation only)",
             },
         )
     missing = MissingTerm(

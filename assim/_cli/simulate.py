@@ -1,7 +1,8 @@
 """`assim-simulate`: roll out a simulator and write trajectory.nc, metrics.json, a plot.
 
 Every option is a hydra override, e.g.
-`assim-simulate model=navier_stokes2d scheme=imex_ars222 n_steps=100`.
+`assim-simulate simulator=navier_stokes2d scheme@simulator.scheme=imex_ars222
+n_steps=100`.
 """
 
 import logging
@@ -13,7 +14,6 @@ import hydra
 import jax
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("assim-simulate")
@@ -50,10 +50,10 @@ def _dataset(model, trajectory, dt, cfg):
         "Conventions": "CF-1.8",
         "title": f"{type(model).__name__} rollout",
         "simulator": type(model).__name__,
-        "scheme": cfg.scheme._target_,
+        "scheme": cfg.simulator.scheme._target_,
         "dt": float(dt),
         "boundary": grid.boundary,
-        "settings": OmegaConf.to_yaml(cfg.model),
+        "settings": OmegaConf.to_yaml(cfg.simulator),
     }
     return xr.Dataset(
         {"state": (("time", *names), np.asarray(trajectory), {"long_name": "state"})},
@@ -89,13 +89,13 @@ def run(cfg: DictConfig) -> dict:
     """Run one simulation from a composed config; returns the metrics."""
     import jax.numpy as jnp
 
-    import simulators as sim
     from assim._io import write_json, write_netcdf
 
+    from .common import build_simulator
+
     out = Path(HydraConfig.get().runtime.output_dir)
-    model = instantiate(cfg.model, _convert_="all")
-    scheme = instantiate(cfg.scheme, _convert_="all")
-    simulator = sim.Simulator(model, scheme, cfg.dt)
+    simulator, _ = build_simulator(cfg.simulator)
+    model, scheme = simulator.model, simulator.scheme
     u0 = jnp.asarray(
         smooth_random_state(model.grid, seed=cfg.seed, amplitude=cfg.initial_amplitude)
     )
@@ -103,11 +103,12 @@ def run(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     trajectory, info = jax.block_until_ready(rollout(simulator, u0))
     wall = time.perf_counter() - t0
-    write_netcdf(_dataset(model, trajectory, float(cfg.dt), cfg), out / "trajectory.nc")
+    dt = float(cfg.simulator.dt)
+    write_netcdf(_dataset(model, trajectory, dt, cfg), out / "trajectory.nc")
     metrics = {
         "model": type(model).__name__,
         "scheme": type(scheme).__name__,
-        "dt": float(cfg.dt),
+        "dt": dt,
         "n_steps": int(cfg.n_steps),
         "wall_time_s_including_compile": wall,
         "mean_newton_steps": float(np.mean(info["newton_steps"])),

@@ -4,8 +4,8 @@ With no arguments: the bundled 2D advection-diffusion dataset, the masking loss 
 ground truth), 5 layers with momentum and a proximal CNN prior, the diffusivity field
 learned jointly. Writes `checkpoint.eqx` and `metrics.jsonl` into the hydra run
 directory; `resume=true hydra.run.dir=THAT_DIR` continues where it stopped. E.g.
-`assim-train training.losses.masking=0 training.losses.supervised=1`,
-`assim-train network.prior=pnp`.
+`assim-train training.weights.masking=0 training.weights.supervised=1`,
+`assim-train network.net.prior=pnp`.
 """
 
 import time
@@ -18,15 +18,16 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from assim import WindowStream, train, windows_batch
+
 from .common import build_simulator, log, run_app
 from .network import build_network, network_header, training_settings
+from .run import open_data
 
 
 def split_windows(ds, length: int, dtype):
     """The file's windows grouped by its `split` variable (0 train, 1 validation,
     2 test; without one: the first 80% train, the next 10% validation)."""
-    from assim import WindowStream
-
     stream = WindowStream(ds, length, prefetch=0, dtype=dtype)
     groups = {0: [], 1: [], 2: []}
     for label, k in zip(window_labels(ds, length), range(len(stream)), strict=True):
@@ -48,8 +49,6 @@ def window_labels(ds, length: int) -> np.ndarray:
 def stream_windows(ds, length: int, max_windows, dtype, grid):
     """`(training WindowStream, validation Batch or None)`: the training windows
     stay on disk and are read batch by batch; the validation windows are loaded."""
-    from assim import WindowStream
-
     labels = window_labels(ds, length)
     if max_windows:
         labels = labels[: int(max_windows)]
@@ -70,10 +69,6 @@ def stream_windows(ds, length: int, max_windows, dtype, grid):
 
 
 def _train(cfg: DictConfig) -> dict:
-    from assim import train, windows_batch
-
-    from .run import open_data
-
     out = Path(HydraConfig.get().runtime.output_dir)
     simulator, _ = build_simulator(cfg.simulator)
     grid = simulator.model.grid
@@ -93,19 +88,14 @@ def _train(cfg: DictConfig) -> dict:
         validation = windows_batch(groups[1], grid.shape) if groups[1] else None
     # The networks' input scale: the spread of the training observations (no truth).
     scale = first.observed_std()
-    net, parameter = build_network(
-        cfg.simulator,
-        cfg.network,
-        n_times=length,
-        interval=interval,
-        scale=scale,
-        seed=cfg.seed,
+    net, problem, parameter = build_network(
+        cfg, n_times=length, interval=interval, scale=scale, seed=cfg.seed
     )
-    if cfg.network.get("step") == "auto":  # stable on the first training window
+    if cfg.network.get("stable_steps"):  # steps stable on the first training window
         net = net.with_stable_steps(
-            jax.tree.map(lambda a: a[0], first.obs), first.background[0]
+            problem, jax.tree.map(lambda a: a[0], first.obs), first.background[0]
         )
-    settings = training_settings(cfg.training, cfg.seed)
+    settings = training_settings(cfg.training)
     checkpoint = Path(cfg.checkpoint)
     if not checkpoint.is_absolute():
         checkpoint = out / checkpoint
@@ -136,6 +126,7 @@ def _train(cfg: DictConfig) -> dict:
     try:
         trained, records = train(
             net,
+            problem,
             data,
             settings,
             validation=validation,
@@ -162,11 +153,8 @@ def _train(cfg: DictConfig) -> dict:
     }
     if parameter is not None:
         value = np.asarray(parameter.value(trained.theta))
-        summary["parameter"] = {
-            "name": cfg.simulator.parameter.name,
-            "mean": float(value.mean()),
-        }
-        true_name = f"true_{cfg.simulator.parameter.name}"
+        summary["parameter"] = {"name": parameter.name, "mean": float(value.mean())}
+        true_name = f"true_{parameter.name}"
         if true_name in ds.variables:  # evaluation only, after training
             true = np.asarray(ds[true_name].values)
             summary["parameter"]["relative_l2_error"] = float(
