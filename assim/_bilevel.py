@@ -57,7 +57,7 @@ def _implicit_minimum_bwd(residuals, ct, perturbed, args, v, linear_solver):
         lambda w: hessian_vjp(w)[0], jax.eval_shape(lambda: v), tags=SPD_TAGS
     )
     ct = jax.tree.map(
-        lambda c, x: jnp.zeros_like(x) if c is None else c,
+        lambda c, x: c if c is not None or x is None else jnp.zeros_like(x),
         ct,
         v,
         is_leaf=lambda x: x is None,

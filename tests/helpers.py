@@ -164,15 +164,14 @@ def l96_twin_windows(n_windows: int, n_times: int, interval: int, *, spinup: int
 
 
 def tiny_l96_net(l96, B, n_times: int, interval: int):
-    """A 2-layer unrolled network (momentum, a small proximal CNN) for the Lorenz-96
-    twin windows: the shared network of the sharding and streaming checks."""
-    from assim import UnrolledVar
+    """`(net, problem)`: a 2-layer unrolled network (momentum, a small proximal CNN)
+    and the window problem of the Lorenz-96 twin windows: the shared network of the
+    sharding and streaming checks."""
+    from assim import UnrolledVar, WindowProblem
 
-    return UnrolledVar(
-        l96,
-        B,
+    net = UnrolledVar(
+        l96.model.grid,
         2,
-        observation_interval=interval,
         n_times=n_times,
         step=0.1,
         scale=3.6,
@@ -182,3 +181,54 @@ def tiny_l96_net(l96, B, n_times: int, interval: int):
         depth=2,
         key=jax.random.PRNGKey(0),
     )
+    return net, WindowProblem(l96, B, interval)
+
+
+def minimise(
+    problem,
+    window,
+    background,
+    *,
+    method: str = "lbfgs",
+    max_steps: int = 200,
+    rtol: float = 1e-6,
+    atol: float = 1e-6,
+    inner_steps: int = 20,
+    inner_rtol: float = 1e-3,
+):
+    """`(control, info)` of `assim.Variational` with L-BFGS or incremental
+    Gauss-Newton, jitted; `info`'s histories cut to the iterations taken."""
+    import dataclasses
+
+    import optimistix as optx
+
+    from assim import OUTCOMES, Variational, incremental
+
+    if method == "lbfgs":
+        solver = optx.LBFGS(rtol=rtol, atol=atol)
+    else:
+        solver = incremental(
+            rtol=rtol, atol=atol, inner_steps=inner_steps, inner_rtol=inner_rtol
+        )
+    analyser = Variational(solver, max_steps)
+    control, info = eqx.filter_jit(analyser.solve)(problem, window, background)
+    steps = int(info.steps)
+
+    @dataclasses.dataclass
+    class Summary:
+        cost: np.ndarray
+        grad_norm: np.ndarray
+        steps: int
+        result: str
+
+        @property
+        def converged(self):
+            return self.result == "converged"
+
+    summary = Summary(
+        np.asarray(info.cost[: steps + 1]),
+        np.asarray(info.grad_norm[: steps + 1]),
+        steps,
+        OUTCOMES[int(info.outcome)],
+    )
+    return control, summary

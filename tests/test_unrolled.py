@@ -7,21 +7,31 @@ import json
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import lineax as lx
 import numpy as np
+import optimistix as optx
 import pytest
 from helpers import TIGHT, l96_twin_windows, tree_allclose
 
 import simulators as sim
 from assim import (
+    Analysis,
     BilevelVar,
+    Control,
+    Cost,
+    Evidence,
+    Masking,
     NeuralCorrection,
+    Residual,
+    ReverseImplicitAdjoint,
+    Supervised,
+    Term,
     TrainingStopped,
     TrainSettings,
     UnrolledVar,
+    WeightedLoss,
+    WindowProblem,
     batch_loss,
-    cost_loss,
-    evidence_loss,
-    masking_loss,
     train,
     windows_batch,
 )
@@ -38,12 +48,27 @@ def set_forcing(simulator, theta):
     return eqx.tree_at(lambda s: s.model.forcing, simulator, 8.0 * jnp.exp(theta))
 
 
-def make_net(l96, B, key, **options):
-    return UnrolledVar(
-        l96,
-        B,
+def make_problem(l96, B, *, forcing=False, **options):
+    """The windows' problem; `forcing`: the forcing is an unknown parameter
+    (`8 exp(theta)`, prior N(0, 1))."""
+    if forcing:
+        options.update(
+            set_parameters=set_forcing,
+            parameter_background=jnp.asarray(0.0),
+            parameter_std=1.0,
+        )
+    return WindowProblem(l96, B, INTERVAL, **options)
+
+
+def make_net(l96, B, key, *, problem_options=None, **options):
+    """`(net, problem)`: a 3-layer network; with `theta` in `options` it learns the
+    forcing."""
+    problem = make_problem(
+        l96, B, forcing="theta" in options, **(problem_options or {})
+    )
+    net = UnrolledVar(
+        l96.model.grid,
         3,
-        observation_interval=INTERVAL,
         n_times=T,
         step=0.1,
         scale=3.6,
@@ -52,6 +77,23 @@ def make_net(l96, B, key, **options):
         key=key,
         **options,
     )
+    return net, problem
+
+
+def losses(**weights):
+    """A `WeightedLoss` of the named losses with their weights."""
+    modules = {
+        "supervised": Supervised(),
+        "masking": Masking(),
+        "residual": Residual(),
+        "cost": Cost(),
+        "evidence": Evidence(),
+    }
+    return WeightedLoss({k: Term(modules[k], w) for k, w in weights.items()})
+
+
+def trajectory(net, problem, obs, xb):
+    return net.trajectory(problem, obs, xb)
 
 
 def test_plain_layers_are_preconditioned_gradient_descent(l96_windows, getkey):
@@ -59,7 +101,7 @@ def test_plain_layers_are_preconditioned_gradient_descent(l96_windows, getkey):
     `x <- x - alpha (lambda (x - x_b) + B grad J_o(x))` (hand-written here)."""
     l96, B, windows = l96_windows
     obs, xb = windows[0], jnp.full(40, 2.0)
-    net = make_net(l96, B, getkey(), regularisation=0.5)
+    net, problem = make_net(l96, B, getkey(), regularisation=0.5)
 
     def jo(x):
         states = l96.rollout(x, (T - 1) * INTERVAL)[::INTERVAL]
@@ -70,7 +112,9 @@ def test_plain_layers_are_preconditioned_gradient_descent(l96_windows, getkey):
     for _ in range(3):
         g = jax.grad(jo)(x)
         x = x - 0.1 * (0.5 * (x - xb) + B.sqrt(B.sqrt_transpose(g)))
-    assert tree_allclose(net(obs, xb), x, rtol=1e-10, atol=1e-10)
+    analysis, info = net(problem, obs, xb)
+    assert tree_allclose(analysis.initial_state, x, rtol=1e-10, atol=1e-10)
+    assert analysis.w is None and int(info.steps) == 3
 
 
 def test_checkpointed_layers_give_the_same_gradient(l96_windows, getkey):
@@ -81,15 +125,16 @@ def test_checkpointed_layers_give_the_same_gradient(l96_windows, getkey):
     options = dict(momentum=True, prior="proximal", gradient_solver=True)
     grads = []
     for checkpoints in (None, 1):
-        net = make_net(l96, B, key, checkpoints=checkpoints, **options)
+        net, problem = make_net(l96, B, key, checkpoints=checkpoints, **options)
         params, static = eqx.partition(net, net.trainable())
         grads.append(
             eqx.filter_grad(
-                lambda p, static=static: batch_loss(
+                lambda p, static=static, problem=problem: batch_loss(
+                    losses(supervised=1.0),
                     eqx.combine(p, static),
+                    problem,
                     batch,
                     key=key,
-                    weights={"supervised": 1.0},
                 )[0]
             )(params)
         )
@@ -105,25 +150,26 @@ def test_unrolled_gradient_matches_finite_differences(l96_windows, getkey, schem
     function theorem, each derivative one Krylov solve; there also for the weights
     of a model-error correction inside the implicit stages."""
     l96, B, windows = l96_windows
+    correction = None
     if scheme == "newton-krylov":
         correction = NeuralCorrection(
             l96.model.grid, 4, 2, 3, scale=3.6, rate=0.5, key=getkey()
         )
-        l96 = sim.Simulator(l96.model, sim.ImplicitMidpoint(TIGHT), l96.dt, correction)
+        l96 = sim.Simulator(l96.model, sim.ImplicitMidpoint(TIGHT), l96.dt)
     obs, xb = windows[1], jnp.full(40, 2.0)
-    net = make_net(
+    net, problem = make_net(
         l96,
         B,
         getkey(),
         momentum=True,
         theta=jnp.asarray(0.0),
-        set_parameters=set_forcing,
+        correction=correction,
     )
 
     @jax.jit
     def loss(theta, log_step):
         n = eqx.tree_at(lambda m: (m.theta, m.log_step), net, (theta, log_step))
-        return jnp.mean((n.analysis(obs, xb) - obs.truth) ** 2)
+        return jnp.mean((trajectory(n, problem, obs, xb) - obs.truth) ** 2)
 
     theta, log_step = jnp.asarray(0.01), net.log_step
     g_theta, g_step = jax.jit(jax.grad(loss, argnums=(0, 1)))(theta, log_step)
@@ -139,13 +185,13 @@ def test_unrolled_gradient_matches_finite_differences(l96_windows, getkey, schem
     np.testing.assert_allclose(jnp.dot(g_step, direction), fd_step, rtol=1e-6)
     if scheme != "newton-krylov":
         return
-    weights, rest = eqx.partition(net.simulator.correction, eqx.is_inexact_array)
+    weights, rest = eqx.partition(net.correction, eqx.is_inexact_array)
 
     @jax.jit
     def correction_loss(w):
         c = eqx.combine(w, rest)
-        n = eqx.tree_at(lambda m: m.simulator.correction, net, c)
-        return jnp.mean((n.analysis(obs, xb) - obs.truth) ** 2)
+        n = eqx.tree_at(lambda m: m.correction, net, c)
+        return jnp.mean((trajectory(n, problem, obs, xb) - obs.truth) ** 2)
 
     g = jax.jit(jax.grad(correction_loss))(weights)
     d = jax.tree.map(lambda w: jax.random.normal(getkey(), w.shape, w.dtype), weights)
@@ -160,24 +206,25 @@ def test_unrolled_gradient_matches_finite_differences(l96_windows, getkey, schem
     np.testing.assert_allclose(along, (shifted(1) - shifted(-1)) / (2 * eps), rtol=1e-6)
 
 
+CG = lx.CG(rtol=1e-12, atol=1e-12, max_steps=200)
+
+
 def make_bilevel(l96, B, **options):
-    return BilevelVar(
-        l96,
-        B,
-        observation_interval=INTERVAL,
+    """`(net, problem)`: bilevel 4D-Var learning the B scale and the forcing, inner
+    and hypergradient solves tight (float64 gradient checks)."""
+    options.setdefault("adjoint", optx.ImplicitAdjoint(linear_solver=CG))
+    net = BilevelVar(
         theta=jnp.asarray(0.01),
-        set_parameters=set_forcing,
-        rtol=1e-12,
-        atol=1e-12,
-        cg_rtol=1e-12,
+        solver=optx.LBFGS(rtol=1e-12, atol=1e-12),
         **options,
     )
+    return net, make_problem(l96, B, forcing=True)
 
 
-def bilevel_loss(net, obs, xb):
+def bilevel_loss(net, problem, obs, xb):
     def loss(hyper):
         n = eqx.tree_at(lambda m: (m.log_scale, m.theta), net, hyper)
-        return jnp.mean((n.analysis(obs, xb) - obs.truth) ** 2)
+        return jnp.mean((trajectory(n, problem, obs, xb) - obs.truth) ** 2)
 
     return eqx.filter_jit(loss)
 
@@ -188,13 +235,14 @@ def test_implicit_hypergradient_matches_finite_differences(l96_windows):
     differences."""
     l96, B, windows = l96_windows
     obs, xb = windows[1], jnp.asarray(windows[1].truth[0]) + 1.0
-    net = make_bilevel(l96, B)
-    loss = bilevel_loss(net, obs, xb)
+    net, problem = make_bilevel(l96, B)
+    loss = bilevel_loss(net, problem, obs, xb)
     hyper = (net.log_scale, net.theta)
     gradient = eqx.filter_jit(jax.grad(loss))(hyper)
-    solution = eqx.filter_jit(lambda n: n.solve(obs, xb))(net)
-    g = jax.grad(lambda v: net.cost(v, obs, xb))(solution.value)
-    assert jnp.linalg.norm(g) < 1e-6  # the inner problem is solved
+    solution = eqx.filter_jit(lambda n: n.solve(problem, obs, xb))(net)
+    inner = net.model_problem(problem)
+    g = jax.grad(lambda c: inner.cost(c, obs, xb))(solution.value)
+    assert jnp.linalg.norm(g.v) < 1e-6  # the inner problem is solved
     # eps = 1e-3: the inner solve's residual (~1e-8) divided by eps must stay below
     # the O(eps^2) truncation error.
     eps = 1e-3
@@ -213,22 +261,28 @@ def test_implicit_hypergradient_matches_unrolled_solver(l96_windows):
     l96, B, windows = l96_windows
     obs, xb = windows[2], jnp.asarray(windows[2].truth[0]) + 1.0
     grads = []
-    for hypergradient in ("implicit", "unrolled"):
-        net = make_bilevel(l96, B, hypergradient=hypergradient, max_steps=200)
+    adjoints = (
+        optx.ImplicitAdjoint(linear_solver=CG),
+        optx.RecursiveCheckpointAdjoint(),
+    )
+    for adjoint in adjoints:
+        net, problem = make_bilevel(l96, B, adjoint=adjoint, max_steps=200)
         hyper = (net.log_scale, net.theta)
-        grads.append(eqx.filter_jit(jax.grad(bilevel_loss(net, obs, xb)))(hyper))
+        loss = bilevel_loss(net, problem, obs, xb)
+        grads.append(eqx.filter_jit(jax.grad(loss))(hyper))
     # Differentiating the iterations converges to the implicit derivative as the
     # iterates do (to ~1e-8 here).
     assert tree_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-9)
 
 
-def evidence_parts(net, obs, xb, **options):
+def evidence_parts(net, problem, obs, xb, **options):
     """`hyper -> (evidence, cost at the inner solution)`, jitted."""
 
     def parts(hyper):
         n = eqx.tree_at(lambda m: (m.log_scale, m.theta), net, hyper)
-        v = n.solve(obs, xb).value
-        return n.negative_log_evidence(obs, xb, **options), n.cost(v, obs, xb)
+        c = n.solve(problem, obs, xb).value
+        cost = n.model_problem(problem).cost(c, obs, xb)
+        return n.negative_log_evidence(problem, obs, xb, **options), cost
 
     return eqx.filter_jit(parts)
 
@@ -241,14 +295,16 @@ def test_evidence_is_laplace_marginal_likelihood_and_its_gradient(l96_windows):
     differences in float64."""
     l96, B, windows = l96_windows
     obs, xb = windows[3], jnp.asarray(windows[3].truth[0]) + 1.0
-    net = make_bilevel(l96, B)
-    parts = evidence_parts(net, obs, xb)
+    net, problem = make_bilevel(l96, B)
+    parts = evidence_parts(net, problem, obs, xb)
     hyper = (net.log_scale, net.theta)
     evidence, cost = parts(hyper)
-    v = eqx.filter_jit(lambda n: n.solve(obs, xb).value)(net)
+    v = eqx.filter_jit(lambda n: n.solve(problem, obs, xb).value.v)(net)
+    inner = net.model_problem(problem)
 
     def residual(u):
-        return obs.innovations(net.trajectory(net.initial_state(u, xb), T)).ravel()
+        analysis = inner.analysis(Control(u), xb)
+        return obs.innovations(inner.trajectory(analysis, T)).ravel()
 
     G = jax.jacfwd(residual)(v)
     logdet = jnp.linalg.slogdet(jnp.eye(v.size) + G.T @ G)[1]
@@ -267,11 +323,11 @@ def test_stochastic_log_determinant_gradient_is_unbiased(l96_windows):
     the cost's) is Hutchinson's estimate of the exact one; the value is the cost."""
     l96, B, windows = l96_windows
     obs, xb = windows[3], jnp.asarray(windows[3].truth[0]) + 1.0
-    net = make_bilevel(l96, B)
+    net, problem = make_bilevel(l96, B)
     hyper = (net.log_scale, net.theta)
-    exact = evidence_parts(net, obs, xb)
+    exact = evidence_parts(net, problem, obs, xb)
     key = jax.random.PRNGKey(0)
-    stochastic = evidence_parts(net, obs, xb, probes=400, key=key)
+    stochastic = evidence_parts(net, problem, obs, xb, probes=400, key=key)
     value, cost = stochastic(hyper)
     np.testing.assert_allclose(value, cost, rtol=1e-12)
     g_cost, g_exact, g_stochastic = jax.jit(
@@ -288,14 +344,14 @@ def test_stochastic_log_determinant_gradient_is_unbiased(l96_windows):
 
 def test_evidence_loss_needs_a_bilevel_network(l96_windows, getkey):
     l96, B, windows = l96_windows
-    net = make_net(l96, B, getkey())
+    net, problem = make_net(l96, B, getkey())
     with pytest.raises(ValueError, match="evidence loss needs a bilevel network"):
-        evidence_loss(net, windows[0], jnp.asarray(windows[0].truth[0]))
+        Evidence()(net, problem, windows[0], windows[0].truth[0], key=getkey())
 
 
 def test_continuation_weights_do_not_increase(l96_windows, getkey):
     l96, B, _ = l96_windows
-    net = make_net(l96, B, getkey(), continuation=True, regularisation=2.0)
+    net, _ = make_net(l96, B, getkey(), continuation=True, regularisation=2.0)
     net = eqx.tree_at(lambda m: m.regularisation, net, jnp.asarray([0.3, 4.0, -3.0]))
     weights = np.asarray(net.regularisation_weights())
     assert np.all(np.diff(weights) <= 0)
@@ -306,15 +362,15 @@ def test_curvature_matches_dense_eigenvalue(l96_windows, getkey):
     """The power iteration's top eigenvalue of B H'^T H' against a dense one."""
     l96, B, windows = l96_windows
     obs, xb = windows[2], jnp.full(40, 2.0)
-    net = make_net(l96, B, getkey(), regularisation=1.0)
+    net, problem = make_net(l96, B, getkey(), regularisation=1.0)
 
     def residual(x):
-        return obs.innovations(net.trajectory(x, T)).ravel()
+        return obs.innovations(problem.trajectory(Analysis(x), T)).ravel()
 
     J = jax.jacfwd(residual)(xb)
     S = jax.vmap(B.sqrt, in_axes=1, out_axes=1)(jnp.eye(40))
     top = np.linalg.eigvalsh(np.asarray(S.T @ J.T @ J @ S))[-1]
-    estimate = float(net.curvature(obs, xb, iterations=200))
+    estimate = float(net.curvature(problem, obs, xb, iterations=200))
     np.testing.assert_allclose(estimate, top + 1.0, rtol=1e-3)
 
 
@@ -326,59 +382,52 @@ def test_masking_loss_never_reads_truth(l96_windows, getkey):
         eqx.tree_at(lambda o: o.truth, w, jnp.full_like(w.truth, jnp.nan))
         for w in windows
     ]
-    net = make_net(l96, B, getkey(), prior="proximal")
-    settings = TrainSettings(
-        steps=2,
-        batch_size=2,
-        validate_every=0,
-        checkpoint_every=0,
-        losses={"masking": 1.0, "residual": 0.1, "cost": 0.1},
-        cost_refine=2,  # the refined cost loss reads no truth either
-        cost_refine_cg=10,
+    net, problem = make_net(l96, B, getkey(), prior="proximal")
+    loss = WeightedLoss(
+        {
+            "masking": Term(Masking()),
+            "residual": Term(Residual(), 0.1),
+            # the refined cost loss reads no truth either
+            "cost": Term(Cost(refine=2, refine_cg=10), 0.1),
+        }
     )
-    a, _ = train(net, windows_batch(windows, (40,)), settings)
-    b, _ = train(net, windows_batch(poisoned, (40,)), settings)
+    settings = TrainSettings(
+        steps=2, batch_size=2, validate_every=0, checkpoint_every=0, loss=loss
+    )
+    a, _ = train(net, problem, windows_batch(windows, (40,)), settings)
+    b, _ = train(net, problem, windows_batch(poisoned, (40,)), settings)
     assert tree_allclose(eqx.filter(a, eqx.is_array), eqx.filter(b, eqx.is_array))
-    loss = masking_loss(net, poisoned[0], jnp.full(40, 2.0), key=getkey())
+    loss = Masking()(net, problem, poisoned[0], jnp.full(40, 2.0), key=getkey())
     assert np.isfinite(float(loss))
 
 
 def test_cost_loss_is_the_joint_4dvar_cost(l96_windows, getkey):
     """Summed over the windows (times their observation counts), the cost loss is
     the joint 4D-Var cost of the networks' analyses and the shared forcing: each
-    window's `Var4D` cost at the control of the analysis, with the parameter prior
+    window's problem cost at the control of the analysis, with the parameter prior
     counted once."""
-    from assim._var import Control, Var4D
-
     l96, B, windows = l96_windows
     theta = jnp.asarray(0.05)
-    net = make_net(l96, B, getkey(), theta=theta, set_parameters=set_forcing)
+    net, problem = make_net(l96, B, getkey(), theta=theta)
     data = windows_batch(windows[:3], (40,))
-    total, joint, losses = 0.0, -2 * 0.5 * theta**2, []  # Var4D: a prior per window
+    total, joint, values = 0.0, -2 * 0.5 * theta**2, []  # a prior per window
     for i in range(3):
         obs = jax.tree.map(lambda a, i=i: a[i], data.obs)
         background = data.background[i]
-        x = net(obs, background)
-        cost = Var4D(
-            l96,
-            background,
-            B,
-            INTERVAL,
-            set_parameters=set_forcing,
-            parameter_background=jnp.asarray(0.0),
-            parameter_std=1.0,
-        )
+        x = net(problem, obs, background)[0].initial_state
         control = Control(B.whiten(x - background), theta, None)
-        np.testing.assert_allclose(cost.analysis(control)[0], x, atol=1e-10)
-        joint = joint + cost(control, obs)
-        losses.append(cost_loss(net, obs, background, windows=3))
-        total = total + losses[-1] * jnp.sum(obs.mask)
+        analysis = problem.analysis(control, background)
+        np.testing.assert_allclose(analysis.initial_state, x, atol=1e-10)
+        joint = joint + problem.cost(control, obs, background)
+        values.append(Cost()(net, problem, obs, background, key=getkey(), windows=3))
+        total = total + values[-1] * jnp.sum(obs.mask)
     np.testing.assert_allclose(total, joint, rtol=1e-10)
     # batch_loss: the mean over the batch, the prior shared by the `windows` given.
-    value, _ = batch_loss(net, data, key=getkey(), weights={"cost": 1.0}, windows=3)
-    np.testing.assert_allclose(value, np.mean(losses), rtol=1e-12)
-    value, _ = batch_loss(net, data, key=getkey(), weights={"cost": 1.0})
-    np.testing.assert_allclose(value, np.mean(losses), rtol=1e-12)  # default: batch
+    loss = losses(cost=1.0)
+    value, _ = batch_loss(loss, net, problem, data, key=getkey(), windows=3)
+    np.testing.assert_allclose(value, np.mean(values), rtol=1e-12)
+    value, _ = batch_loss(loss, net, problem, data, key=getkey())
+    np.testing.assert_allclose(value, np.mean(values), rtol=1e-12)  # default: batch
 
 
 def test_refined_cost_loss_learns_the_joint_4dvar_parameters(l96_windows, getkey):
@@ -391,31 +440,29 @@ def test_refined_cost_loss_learns_the_joint_4dvar_parameters(l96_windows, getkey
 
     l96, B, windows = l96_windows
     obs, background = windows[0], jnp.full(40, 2.0)
-    net = make_net(
-        l96, B, getkey(), theta=jnp.asarray(0.05), set_parameters=set_forcing
-    )
-    refine = dict(refine=15, refine_cg=60)
-    x = eqx.filter_jit(net)(obs, background)
+    net, problem = make_net(l96, B, getkey(), theta=jnp.asarray(0.05))
+    refined_cost = Cost(refine=15, refine_cg=60)
+    x = eqx.filter_jit(net)(problem, obs, background)[0].initial_state
     x_star = eqx.filter_jit(refine_analysis)(
-        net, obs, background, x, steps=15, cg_steps=60
+        net, problem, obs, background, x, steps=15, cg_steps=60
     )
+    model = net.model_problem(problem)
 
     @jax.jit
     def stationarity(x):  # the gradient of the window cost in whitened coordinates
-        v = B.whiten(x - background)
-        g = jax.grad(net.observation_cost)(x, obs)
-        return jnp.linalg.norm(v + B.sqrt_transpose(g))
+        control = model.control(Analysis(x), background)
+        g = jax.grad(lambda c: model.cost(c, obs, background))(control)
+        return jnp.linalg.norm(g.v)
 
     assert stationarity(x) > 1.0
     assert stationarity(x_star) < 1e-6 * stationarity(x)
 
-    def loss_at(theta, **options):
-        return cost_loss(
-            eqx.tree_at(lambda n: n.theta, net, theta), obs, background, **options
-        )
+    def loss_at(theta, loss):
+        n = eqx.tree_at(lambda n: n.theta, net, theta)
+        return loss(n, problem, obs, background, key=None)
 
-    refined = jax.jit(lambda t: loss_at(t, **refine))
-    plain_loss = jax.jit(loss_at)
+    refined = jax.jit(lambda t: loss_at(t, refined_cost))
+    plain_loss = jax.jit(lambda t: loss_at(t, Cost()))
     theta = jnp.asarray(0.05)
     assert float(refined(theta)) < float(plain_loss(theta))
     grad = jax.jit(jax.grad(refined))(theta)
@@ -426,18 +473,20 @@ def test_refined_cost_loss_learns_the_joint_4dvar_parameters(l96_windows, getkey
     plain = jax.jit(jax.grad(plain_loss))(theta)
     assert abs(float(plain - grad)) > 0.1 * abs(float(grad))
 
-    def step_grad(**options):
+    def step_grad(loss):
         spec = eqx.tree_at(
             lambda n: n.log_step, jax.tree.map(lambda _: False, net), True
         )
         params, static = eqx.partition(net, spec)
         return jax.jit(
             jax.grad(
-                lambda p: cost_loss(eqx.combine(p, static), obs, background, **options)
+                lambda p: loss(
+                    eqx.combine(p, static), problem, obs, background, key=None
+                )
             )
         )(params).log_step
 
-    np.testing.assert_allclose(step_grad(**refine), step_grad(), rtol=1e-10)
+    np.testing.assert_allclose(step_grad(refined_cost), step_grad(Cost()), rtol=1e-10)
 
 
 def test_refined_analyses_are_warm_started_across_steps(l96_windows, getkey, tmp_path):
@@ -445,22 +494,21 @@ def test_refined_analyses_are_warm_started_across_steps(l96_windows, getkey, tmp
     output: with the model fixed (no learned parameters), 3 steps that each draw
     every window leave the analyses 3 Gauss-Newton iterations refine the untrained
     network's outputs to (Gauss-Newton keeps no state between iterations)."""
-    from assim import init_state, load_checkpoint, refine_analysis
+    from assim import load_checkpoint, refine_analysis
+    from assim._train import init_state
 
     l96, B, windows = l96_windows
     data = windows_batch(windows[:2], (40,))
-    net = make_net(l96, B, getkey())
+    net, problem = make_net(l96, B, getkey())
     settings = TrainSettings(
         steps=3,
         batch_size=2,
         validate_every=0,
         checkpoint_every=0,
-        losses={"cost": 1.0},
-        cost_refine=1,
-        cost_refine_cg=8,
+        loss=WeightedLoss({"cost": Term(Cost(refine=1, refine_cg=8))}),
     )
     path = tmp_path / "ck.eqx"
-    train(net, data, settings, checkpoint=path)
+    train(net, problem, data, settings, checkpoint=path)
     like = init_state(net, settings)
     like = eqx.tree_at(
         lambda s: s.analyses, like, jnp.zeros((2, 40)), is_leaf=lambda x: x is None
@@ -469,8 +517,10 @@ def test_refined_analyses_are_warm_started_across_steps(l96_windows, getkey, tmp
     for i in range(2):
         obs = jax.tree.map(lambda a, i=i: a[i], data.obs)
         background = data.background[i]
-        x = net(obs, background)
-        expected = refine_analysis(net, obs, background, x, steps=3, cg_steps=8)
+        x = net(problem, obs, background)[0].initial_state
+        expected = refine_analysis(
+            net, problem, obs, background, x, steps=3, cg_steps=8
+        )
         assert not np.allclose(expected, x, atol=1e-3)
         np.testing.assert_allclose(state.analyses[i], expected, rtol=1e-8, atol=1e-8)
 
@@ -482,20 +532,21 @@ def test_resume_continues_exactly(l96_windows, getkey, tmp_path, refined):
     record per step."""
     l96, B, windows = l96_windows
     data = windows_batch(windows, (40,))
-    common = dict(
-        batch_size=2, validate_every=0, checkpoint_every=1, losses={"masking": 1.0}
-    )
+    common = dict(batch_size=2, validate_every=0, checkpoint_every=1)
     options = dict(momentum=True)
     if refined:
-        losses = {"masking": 1.0, "cost": 0.1}
-        common.update(losses=losses, cost_refine=1, cost_refine_cg=5)
-        options.update(theta=jnp.asarray(0.05), set_parameters=set_forcing)
-    net = make_net(l96, B, getkey(), **options)
-    full, _ = train(net, data, TrainSettings(steps=4, **common))
+        terms = {"masking": Term(Masking()), "cost": Term(Cost(1, 5), 0.1)}
+        common.update(loss=WeightedLoss(terms))
+        options.update(theta=jnp.asarray(0.05))
+    net, problem = make_net(l96, B, getkey(), **options)
+    full, _ = train(net, problem, data, TrainSettings(steps=4, **common))
     path, log = tmp_path / "ck.eqx", tmp_path / "log.jsonl"
-    train(net, data, TrainSettings(steps=2, **common), checkpoint=path, log=log)
+    train(
+        net, problem, data, TrainSettings(steps=2, **common), checkpoint=path, log=log
+    )
     resumed, _ = train(
         net,
+        problem,
         data,
         TrainSettings(steps=4, **common),
         checkpoint=path,
@@ -514,7 +565,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_state(l96_windows, getkey, tm
     message; the checkpoint holds the state after step 1."""
     l96, B, windows = l96_windows
     data = windows_batch(windows, (40,))
-    net = make_net(l96, B, getkey())
+    net, problem = make_net(l96, B, getkey())
     settings = TrainSettings(
         steps=5,
         batch_size=2,
@@ -523,11 +574,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_state(l96_windows, getkey, tm
         learning_rate=1e3,
         warmup_steps=1,
         clip_norm=1e6,
-        losses={"supervised": 1.0},
+        loss=losses(supervised=1.0),
     )
     path = tmp_path / "ck.eqx"
     with pytest.raises(TrainingStopped, match="last good state"):
-        train(net, data, settings, checkpoint=path)
+        train(net, problem, data, settings, checkpoint=path)
     header = json.loads(path.read_bytes().split(b"\n", 1)[0])
     assert 1 <= header["step"] < 5
 
@@ -543,13 +594,18 @@ def test_bilevel_hypergradient_through_newton_krylov(l96_windows, getkey):
     obs, xb = windows[1], jnp.asarray(windows[1].truth[0]) + 1.0
     implicit = sim.Simulator(l96.model, sim.backward_euler(), l96.dt)
     make_net(implicit, B, getkey())
+    forward, problem = make_bilevel(implicit, B)
     with pytest.raises(ValueError, match="Newton-Krylov"):
-        make_bilevel(implicit, B, hessian="forward")
-    with pytest.raises(ValueError, match="go together"):
-        BilevelVar(l96, B, theta=jnp.asarray(0.0))
-    net = make_bilevel(implicit, B)
-    assert net.hessian == "reverse"
-    loss = bilevel_loss(net, obs, xb)
+        forward(problem, obs, xb)
+    net, problem = make_bilevel(implicit, B, adjoint=None)
+    assert isinstance(net.adjoint_for(problem), ReverseImplicitAdjoint)
+    net = eqx.tree_at(
+        lambda n: n.adjoint,
+        net,
+        ReverseImplicitAdjoint(CG),
+        is_leaf=lambda x: x is None,
+    )
+    loss = bilevel_loss(net, problem, obs, xb)
     hyper = (net.log_scale, net.theta)
     gradient = eqx.filter_jit(jax.grad(loss))(hyper)
     eps = 1e-3
@@ -559,9 +615,9 @@ def test_bilevel_hypergradient_through_newton_krylov(l96_windows, getkey):
         fd = (loss(tuple(up)) - loss(tuple(down))) / (2 * eps)
         np.testing.assert_allclose(gradient[i], fd, rtol=1e-4)
     grads = []
-    for hessian in ("forward", "reverse"):
-        n = make_bilevel(l96, B, hessian=hessian)
-        grads.append(eqx.filter_jit(jax.grad(bilevel_loss(n, obs, xb)))(hyper))
+    for adjoint in (optx.ImplicitAdjoint(linear_solver=CG), ReverseImplicitAdjoint(CG)):
+        n, problem = make_bilevel(l96, B, adjoint=adjoint)
+        grads.append(eqx.filter_jit(jax.grad(bilevel_loss(n, problem, obs, xb)))(hyper))
     assert tree_allclose(grads[0], grads[1], rtol=1e-9, atol=0)
 
 
@@ -571,7 +627,7 @@ def test_parameter_learning_rate_moves_theta_at_its_own_rate(l96_windows, getkey
     the network's weights at `learning_rate`."""
     l96, B, windows = l96_windows
     data = windows_batch(windows[:2], (40,))
-    net = make_net(l96, B, getkey(), theta=jnp.asarray(0.0), set_parameters=set_forcing)
+    net, problem = make_net(l96, B, getkey(), theta=jnp.asarray(0.0))
     settings = TrainSettings(
         steps=2,
         batch_size=2,
@@ -580,9 +636,9 @@ def test_parameter_learning_rate_moves_theta_at_its_own_rate(l96_windows, getkey
         warmup_steps=1,
         validate_every=0,
         checkpoint_every=0,
-        losses={"supervised": 1.0},
+        loss=losses(supervised=1.0),
     )
-    trained, _ = train(net, data, settings)
+    trained, _ = train(net, problem, data, settings)
     np.testing.assert_allclose(abs(float(trained.theta)), 0.1, rtol=0.05)
     moved = jax.tree.map(
         lambda a, b: float(jnp.max(jnp.abs(a - b))),

@@ -5,19 +5,23 @@ import dataclasses
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import lineax as lx
 import numpy as np
+import optimistix as optx
 import pytest
-from helpers import assert_taylor_orders
+from helpers import assert_taylor_orders, minimise
 
 import simulators as sim
-from assim import LinearInterpolation
-from assim._covariance import (
+from assim import (
+    Control,
     DiagonalCovariance,
     DiffusionCovariance,
+    LinearInterpolation,
+    ObservationSet,
     SpectralCovariance,
+    Variational,
+    WindowProblem,
 )
-from assim._observations import ObservationSet
-from assim._var import Control, Var4D, minimise
 
 
 @pytest.mark.parametrize("boundary", ["periodic", "dirichlet"])
@@ -91,9 +95,8 @@ def _twin(n_obs=4, interval=2, seed=0, std=0.05):
 
 def test_cost_gradient_taylor(getkey):
     truth, obs, background, _ = _twin()
-    cost = Var4D(
+    problem = WindowProblem(
         truth,
-        background,
         DiffusionCovariance(truth.model.grid, 0.3, 0.1),
         observation_interval=2,
         set_parameters=lambda s, t: eqx.tree_at(lambda s: s.model.kappa, s, jnp.exp(t)),
@@ -104,23 +107,26 @@ def test_cost_gradient_taylor(getkey):
         jax.random.normal(getkey(), background.shape), jnp.asarray(np.log(0.005))
     )
     direction = Control(jax.random.normal(getkey(), background.shape), jnp.asarray(0.3))
-    assert_taylor_orders(jax.jit(lambda c: cost(c, obs)), control, direction)
+    assert_taylor_orders(
+        jax.jit(lambda c: problem.cost(c, obs, background)), control, direction
+    )
 
 
 def test_var4d_state_estimation_beats_background():
     truth, obs, background, x_true = _twin()
-    cost = Var4D(truth, background, DiffusionCovariance(truth.model.grid, 0.3, 0.1), 2)
-    control, info = minimise(cost, obs)
+    problem = WindowProblem(truth, DiffusionCovariance(truth.model.grid, 0.3, 0.1), 2)
+    control, info = minimise(problem, obs, background)
     assert info.converged, info.result
     assert np.all(np.diff(info.cost) <= 1e-12 * info.cost[0])  # monotone
     assert info.grad_norm[-1] < 1e-3 * info.grad_norm[0]
-    analysis, _ = cost.analysis(control)
+    analysis = problem.analysis(control, background).initial_state
     err_a = float(jnp.sqrt(jnp.mean((analysis - x_true) ** 2)))
     err_b = float(jnp.sqrt(jnp.mean((background - x_true) ** 2)))
     # 40% of the points observed at 4 times with noise 0.05: the analysis error is a
     # fraction of the background's (measured 0.035 vs 0.21).
     assert err_a < 0.25 * err_b, (err_a, err_b)
-    assert float(cost(control, obs)) < float(cost(cost.initial_control(obs), obs))
+    start = problem.initial_control(obs, background)
+    assert problem.cost(control, obs, background) < problem.cost(start, obs, background)
 
 
 def test_joint_state_and_diffusivity_estimation():
@@ -128,16 +134,15 @@ def test_joint_state_and_diffusivity_estimation():
     # k = 4 pi mode by ~25%, and low noise (0.01), so that kappa is identifiable.
     truth, obs, background, x_true = _twin(n_obs=6, interval=5, std=0.01)
     wrong = eqx.tree_at(lambda s: s.model.kappa, truth, jnp.asarray(0.01))
-    cost = Var4D(
+    problem = WindowProblem(
         wrong,
-        background,
         DiagonalCovariance(0.3),
         observation_interval=5,
         set_parameters=lambda s, t: eqx.tree_at(lambda s: s.model.kappa, s, jnp.exp(t)),
         parameter_background=jnp.log(0.01),
         parameter_std=2.0,
     )
-    control, info = minimise(cost, obs, max_steps=400)
+    control, info = minimise(problem, obs, background, max_steps=400)
     assert info.converged, info.result
     kappa = float(jnp.exp(control.theta))
     # True 0.004, background 0.01 (150% off): recovered within 20% (measured 0.0037).
@@ -146,9 +151,9 @@ def test_joint_state_and_diffusivity_estimation():
 
 def test_var3d_is_one_observation_time():
     truth, obs, background, x_true = _twin(n_obs=1)
-    cost = Var4D(truth, background, DiffusionCovariance(truth.model.grid, 0.3, 0.1))
-    control, _ = minimise(cost, obs)
-    analysis, _ = cost.analysis(control)
+    problem = WindowProblem(truth, DiffusionCovariance(truth.model.grid, 0.3, 0.1))
+    control, _ = minimise(problem, obs, background)
+    analysis = problem.analysis(control, background).initial_state
     assert float(jnp.sqrt(jnp.mean((analysis - x_true) ** 2))) < float(
         jnp.sqrt(jnp.mean((background - x_true) ** 2))
     )
@@ -158,10 +163,15 @@ def test_gauss_newton_matches_lbfgs_on_a_linear_problem():
     # Linear model and H: the cost is quadratic, Gauss-Newton's first outer loop is
     # exact up to the CG tolerance, and both solvers find the same minimum.
     truth, obs, background, _ = _twin()
-    cost = Var4D(truth, background, DiffusionCovariance(truth.model.grid, 0.3, 0.1), 2)
-    c_lbfgs, _ = minimise(cost, obs, rtol=1e-9, atol=1e-9, max_steps=400)
+    problem = WindowProblem(truth, DiffusionCovariance(truth.model.grid, 0.3, 0.1), 2)
+    c_lbfgs, _ = minimise(problem, obs, background, rtol=1e-9, atol=1e-9, max_steps=400)
     c_gn, info = minimise(
-        cost, obs, method="gauss-newton", inner_steps=60, inner_rtol=1e-10
+        problem,
+        obs,
+        background,
+        method="gauss-newton",
+        inner_steps=60,
+        inner_rtol=1e-10,
     )
     assert info.converged and info.steps <= 3, (info.steps, info.result)
     np.testing.assert_allclose(c_gn.v, c_lbfgs.v, atol=1e-5)
@@ -183,12 +193,14 @@ def test_gauss_newton_on_nonlinear_burgers():
         times=jnp.arange(5) * 0.05,
     )
     background = x_true + 0.2 * jnp.asarray(np.cos(2 * np.pi * x))
-    cost = Var4D(truth, background, DiffusionCovariance(grid, 0.2, 0.08), 5)
-    control, info = minimise(cost, obs, method="gauss-newton", max_steps=10)
+    problem = WindowProblem(truth, DiffusionCovariance(grid, 0.2, 0.08), 5)
+    control, info = minimise(
+        problem, obs, background, method="gauss-newton", max_steps=10
+    )
     assert info.converged, info.result
     # Quadratic convergence near the minimum: few outer loops, cost reduced a lot.
     assert info.steps <= 6 and info.cost[-1] < 0.02 * info.cost[0], info.cost
-    analysis, _ = cost.analysis(control)
+    analysis = problem.analysis(control, background).initial_state
     err_a = float(jnp.sqrt(jnp.mean((analysis - x_true) ** 2)))
     err_b = float(jnp.sqrt(jnp.mean((background - x_true) ** 2)))
     assert err_a < 0.2 * err_b, (err_a, err_b)
@@ -222,18 +234,19 @@ def _forced_twin():
 def test_weak_constraint_cost_gradient_taylor(getkey):
     model, obs, x_true, _ = _forced_twin()
     grid = model.model.grid
-    cost = Var4D(
+    problem = WindowProblem(
         model,
-        x_true,
         DiagonalCovariance(0.1),
         5,
         model_error_covariance=DiffusionCovariance(grid, 0.5, 0.1),
     )
-    c0 = cost.initial_control(obs)
+    c0 = problem.initial_control(obs, x_true)
     assert c0.w.shape == (obs.n_times - 1, *grid.shape)
     control = jax.tree.map(lambda a: jax.random.normal(getkey(), a.shape), c0)
     direction = jax.tree.map(lambda a: jax.random.normal(getkey(), a.shape), c0)
-    assert_taylor_orders(jax.jit(lambda c: cost(c, obs)), control, direction)
+    assert_taylor_orders(
+        jax.jit(lambda c: problem.cost(c, obs, x_true)), control, direction
+    )
 
 
 def test_weak_constraint_absorbs_model_error():
@@ -241,19 +254,18 @@ def test_weak_constraint_absorbs_model_error():
     grid = model.model.grid
     background = x_true + 0.2 * jnp.cos(2 * np.pi * grid.mesh()[0])
     B = DiffusionCovariance(grid, 0.2, 0.1)
-    strong = Var4D(model, background, B, 5)
-    weak = Var4D(
-        model,
-        background,
-        B,
-        5,
-        model_error_covariance=DiffusionCovariance(grid, 1.0, 0.1),
+    strong = WindowProblem(model, B, 5)
+    weak = WindowProblem(
+        model, B, 5, model_error_covariance=DiffusionCovariance(grid, 1.0, 0.1)
     )
     errors = {}
-    for name, cost in [("strong", strong), ("weak", weak)]:
-        control, info = minimise(cost, obs, method="gauss-newton", inner_steps=40)
+    for name, problem in [("strong", strong), ("weak", weak)]:
+        control, info = minimise(
+            problem, obs, background, method="gauss-newton", inner_steps=40
+        )
         assert info.converged, (name, info.result)
-        trajectory = cost.trajectory(control, obs.n_times)
+        analysis = problem.analysis(control, background)
+        trajectory = problem.trajectory(analysis, obs.n_times)
         errors[name] = float(jnp.sqrt(jnp.mean((trajectory - states) ** 2)))
     # The unknown forcing makes the strong constraint misfit the whole window
     # (measured ~0.05); the weak constraint follows the truth to near the noise.
@@ -276,10 +288,10 @@ def test_off_grid_sensors_4dvar():
         times=obs.times,
         operator=op,
     )
-    cost = Var4D(truth, background, DiffusionCovariance(grid, 0.3, 0.1), 2)
-    control, info = minimise(cost, off_grid, method="gauss-newton")
+    problem = WindowProblem(truth, DiffusionCovariance(grid, 0.3, 0.1), 2)
+    control, info = minimise(problem, off_grid, background, method="gauss-newton")
     assert info.converged, info.result
-    analysis, _ = cost.analysis(control)
+    analysis = problem.analysis(control, background).initial_state
     err_a = float(jnp.sqrt(jnp.mean((analysis - x_true) ** 2)))
     err_b = float(jnp.sqrt(jnp.mean((background - x_true) ** 2)))
     assert err_a < 0.3 * err_b, (err_a, err_b)
@@ -288,18 +300,22 @@ def test_off_grid_sensors_4dvar():
 def test_bad_problem_setup():
     truth, obs, background, _ = _twin()
     B = DiagonalCovariance(0.3)
+    problem = WindowProblem(truth, B)
     with pytest.raises(ValueError, match="background has shape"):
-        Var4D(truth, background[:5], B)
+        Variational(optx.LBFGS(rtol=1e-6, atol=1e-6))(problem, obs, background[:5])
     with pytest.raises(ValueError, match="parameter_std"):
-        Var4D(
+        WindowProblem(
             truth,
-            background,
             B,
             set_parameters=lambda s, t: s,
             parameter_background=jnp.zeros(()),
         )
-    with pytest.raises(ValueError, match="unknown method"):
-        minimise(Var4D(truth, background, B), obs, method="newton")
+    with pytest.raises(TypeError, match="optimistix minimiser or least-squares"):
+        Variational(lx.CG(rtol=1e-6, atol=1e-6))
+    with pytest.raises(ValueError, match="max_steps"):
+        Variational(optx.LBFGS(rtol=1e-6, atol=1e-6), max_steps=0)
+    with pytest.raises(TypeError, match="AbstractCostTerm"):
+        WindowProblem(truth, B, terms=[lambda x: x])
     with pytest.raises(ValueError, match="mask has shape"):
         ObservationSet(obs.values, obs.mask[:1], obs.error_std, obs.times)
 
@@ -337,12 +353,12 @@ def test_checkpointed_rollouts_give_the_same_4dvar():
     tangent-linear Gauss-Newton is refused with a clear error."""
     truth, obs, background, _ = _twin()
     B = DiffusionCovariance(truth.model.grid, 0.3, 0.1)
-    plain = Var4D(truth, background, B, 2)
-    binomial = Var4D(dataclasses.replace(truth, checkpoints=2), background, B, 2)
+    plain = WindowProblem(truth, B, 2)
+    binomial = WindowProblem(dataclasses.replace(truth, checkpoints=2), B, 2)
     assert binomial.simulator.checkpoints == 2
-    control, info = minimise(plain, obs, max_steps=30)
-    control_ck, info_ck = minimise(binomial, obs, max_steps=30)
+    control, info = minimise(plain, obs, background, max_steps=30)
+    control_ck, info_ck = minimise(binomial, obs, background, max_steps=30)
     np.testing.assert_allclose(info_ck.cost, info.cost, rtol=1e-9)
     np.testing.assert_allclose(control_ck.v, control.v, rtol=1e-7, atol=1e-9)
     with pytest.raises(ValueError, match="Gauss-Newton needs the tangent-linear"):
-        minimise(binomial, obs, method="gauss-newton")
+        minimise(binomial, obs, background, method="gauss-newton")
