@@ -28,8 +28,7 @@ def _run(tmp_path, *overrides):
 def test_simulate_writes_netcdf_metrics_and_plot(tmp_path):
     result = _run(
         tmp_path,
-        "model=burgers1d",
-        "scheme=crank_nicolson",
+        "simulator=burgers1d",
         "n_steps=6",
         "float64=true",
     )
@@ -49,7 +48,7 @@ def test_simulate_writes_netcdf_metrics_and_plot(tmp_path):
 
 
 def test_simulate_bad_input_fails_cleanly(tmp_path):
-    result = _run(tmp_path, "model=lorenz96", "dt=-0.1", "n_steps=3")
+    result = _run(tmp_path, "simulator=lorenz96", "simulator.dt=-0.1", "n_steps=3")
     assert result.returncode != 0
     assert "time step dt must be positive" in result.stderr
     assert not (tmp_path / "trajectory.nc").exists()
@@ -110,7 +109,7 @@ def test_data_then_run_end_to_end(tmp_path):
         tmp_path,
         *_SMALL_1D,
         f"data.path={tmp_path / 'obs.nc'}",
-        "method.max_steps=3",
+        "method.analyser.max_steps=3",
         "float64=true",
         "progress=false",
         run_dir=tmp_path / "run",
@@ -129,14 +128,14 @@ def test_data_then_run_end_to_end(tmp_path):
     assert metrics["rmse_truth"] < 0.5 * metrics["rmse_background"], metrics
     assert metrics["parameters"]["kappa"]["units"] == "length2 time-1"
     assert "relative_l2_error" in metrics["parameters"]["kappa"]
-    assert metrics["method"]["solver"] == "gauss-newton"
+    assert metrics["method"]["analyser"]["solver"]["_target_"] == "assim.incremental"
     # The same windows as independent problems, all at once (method.cycle=false).
     run = _app(
         "run",
         tmp_path,
         *_SMALL_1D,
         f"data.path={tmp_path / 'obs.nc'}",
-        "method.max_steps=3",
+        "method.analyser.max_steps=3",
         "method.cycle=false",
         "float64=true",
         "progress=false",
@@ -162,7 +161,7 @@ def test_run_bundled_dataset_default(tmp_path):
         "run",
         tmp_path,
         "data.max_windows=2",
-        "method.max_steps=3",
+        "method.analyser.max_steps=3",
         "plot=false",
         "progress=false",
         # Long compute, little compilation: XLA's default optimisation (conftest
@@ -193,7 +192,7 @@ def test_run_twin_lorenz96_3dvar(tmp_path):
         "twin.sensors.density=0.5",
         "twin.sensors.dropout=0.0",
         "twin.truth.missing_term.kind=none",
-        "method.background_std=1.0",
+        "problem.background_covariance.std=1.0",
         "method.initial_background=zero",
         "plot=false",
         "progress=false",
@@ -257,14 +256,14 @@ def test_train_resume_then_run_unrolled(tmp_path):
     checkpoint used by `assim-run method=unrolled`."""
     small = [
         *TINY_L96_TWIN,
-        "network.n_layers=2",
-        "network.width=4",
-        "network.depth=2",
+        "network.net.n_layers=2",
+        "network.net.width=4",
+        "network.net.depth=2",
         "training.batch_size=1",
         "training.checkpoint_every=1",
-        "training.losses.cost=0.1",  # added to the default masking loss
-        "training.cost_refine=1",  # at the output refined by Gauss-Newton
-        "training.cost_refine_cg=5",
+        "training.weights.cost=0.1",  # added to the default masking loss
+        "training.loss.terms.cost.loss.refine=1",  # refined by Gauss-Newton
+        "training.loss.terms.cost.loss.refine_cg=5",
         "progress=false",
     ]
     first = _app("train", tmp_path, *small, "training.steps=2")
@@ -294,12 +293,12 @@ def test_train_bilevel_with_evidence_then_run(tmp_path):
         "train",
         tmp_path,
         *TINY_L96_TWIN,
-        "simulator.scheme._target_=simulators.backward_euler",
+        "scheme@simulator.scheme=backward_euler",
         "network=bilevel",
         "training.batch_size=1",
         "training.steps=2",
-        "training.losses.masking=0",
-        "training.losses.evidence=1",
+        "training.weights.masking=0",
+        "training.weights.evidence=1",
         "progress=false",
     )
     assert train.returncode == 0, train.stderr
@@ -329,7 +328,7 @@ def test_archive_of_files_streamed_to_train_and_run(tmp_path):
     archive.mkdir()
     for k in range(3):
         ds.isel(time=slice(8 * k, 8 * k + 8)).to_netcdf(archive / f"obs_{k}.nc")
-    small = ["network.n_layers=2", "network.width=4", "network.depth=2"]
+    small = ["network.net.n_layers=2", "network.net.width=4", "network.net.depth=2"]
     train = _app(
         "train",
         tmp_path,

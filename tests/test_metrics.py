@@ -66,7 +66,7 @@ def test_run_scores_accumulated_by_window_equal_whole_run_scores():
     from types import SimpleNamespace
 
     import simulators as sim
-    from assim._cli.run import _Scores
+    from assim import ObservationSet, Scores
 
     rng = np.random.default_rng(0)
     grid = sim.Grid((6, 10), (1.0, 2.0))
@@ -76,14 +76,23 @@ def test_run_scores_accumulated_by_window_equal_whole_run_scores():
     values = truth + 0.1 * rng.normal(size=truth.shape)
     mask = rng.random(truth.shape) < 0.4
     heldout = rng.random((6, 10)) < 0.2
-    scores = _Scores(heldout, grid)
+    scores = Scores(grid, snapshot_times={0, 5})
     for k in range(0, 8, 4):  # two windows of 4 times
         part = slice(k, k + 4)
+        window = ObservationSet(
+            values[part],
+            mask[part],
+            np.ones((4, 6, 10)),
+            np.arange(k, k + 4.0),
+            truth[part],
+        ).withhold(heldout)
         result = SimpleNamespace(
-            analysis=analysis[part], background=background[part], times=np.arange(4)
+            analysis=analysis[part],
+            background=background[part],
+            times=np.arange(k, k + 4.0),
+            window=window,
         )
-        whole = SimpleNamespace(values=values[part], mask=mask[part], truth=truth[part])
-        scores.add(result, whole, k)
+        scores.add(result)
     found = scores.metrics()
     held = mask & heldout
     used = mask & ~held
@@ -103,4 +112,9 @@ def test_run_scores_accumulated_by_window_equal_whole_run_scores():
     assert 2 * grid.spacing[-1] < expected["effective_resolution"] < 2.0
     for key, value in expected.items():
         np.testing.assert_allclose(found[key], value, rtol=1e-12, err_msg=key)
-    assert scores.time_index == list(range(8))
+    assert scores.times == 8
+    assert sorted(scores.snapshots) == [0, 5]
+    np.testing.assert_array_equal(scores.snapshots[5]["analysis"], analysis[5])
+    np.testing.assert_array_equal(scores.snapshots[5]["truth"], truth[5])
+    seen = scores.snapshots[5]["observations"]
+    np.testing.assert_array_equal(np.isfinite(seen), mask[5])

@@ -5,7 +5,7 @@ import pytest
 import xarray as xr
 
 import simulators as sim
-from assim import write_netcdf
+from assim._io import write_netcdf
 from assim._observations import (
     ObservationError,
     ObservationSet,

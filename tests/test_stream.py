@@ -18,11 +18,11 @@ from assim import (
     iter_windows,
     open_archive,
     open_observations,
-    prefetch,
     train,
     windows_batch,
 )
 from assim._cli.run import bundled_dataset
+from assim._stream import prefetch
 
 T, INTERVAL = 3, 5
 
@@ -155,12 +155,16 @@ def test_streamed_training_equals_training_in_memory(tmp_path):
     l96, B, pattern = _l96_archive(tmp_path)
     stream = WindowStream(open_archive(pattern, chunk_times=T), T, prefetch=2)
     in_memory = windows_batch([stream[k] for k in range(len(stream))], (40,))
-    net = tiny_l96_net(l96, B, T, INTERVAL)
+    net, problem = tiny_l96_net(l96, B, T, INTERVAL)
     settings = TrainSettings(
         steps=3, batch_size=2, validate_every=0, checkpoint_every=0
     )
-    streamed, records = train(net, stream, settings, checkpoint=tmp_path / "s.eqx")
-    loaded, expected = train(net, in_memory, settings, checkpoint=tmp_path / "m.eqx")
+    streamed, records = train(
+        net, problem, stream, settings, checkpoint=tmp_path / "s.eqx"
+    )
+    loaded, expected = train(
+        net, problem, in_memory, settings, checkpoint=tmp_path / "m.eqx"
+    )
     assert [r["loss"] for r in records] == pytest.approx(
         [r["loss"] for r in expected], rel=1e-12
     )
@@ -171,8 +175,10 @@ def test_streamed_training_equals_training_in_memory(tmp_path):
     )
     # A resumed streamed run continues with the same draws.
     more = TrainSettings(steps=5, batch_size=2, validate_every=0, checkpoint_every=0)
-    resumed, _ = train(net, stream, more, checkpoint=tmp_path / "s.eqx", resume=True)
-    straight, _ = train(net, in_memory, more, checkpoint=tmp_path / "m2.eqx")
+    resumed, _ = train(
+        net, problem, stream, more, checkpoint=tmp_path / "s.eqx", resume=True
+    )
+    straight, _ = train(net, problem, in_memory, more, checkpoint=tmp_path / "m2.eqx")
     assert tree_allclose(resumed, straight, rtol=1e-12, atol=1e-14)
 
 
@@ -182,7 +188,6 @@ def test_analysis_written_while_windows_are_read_on_another_thread(tmp_path):
     failed at once with 'NetCDF: HDF error')."""
     import simulators as sim
     from assim import AnalysisWriter, WindowResult
-    from assim._var import SolveInfo
 
     n = 16
     rng = np.random.default_rng(0)
@@ -204,13 +209,24 @@ def test_analysis_written_while_windows_are_read_on_another_thread(tmp_path):
 
     reader = threading.Thread(target=read)
     reader.start()
-    info = SolveInfo(np.ones(2), np.ones(2), 1, "successful", True)
     try:
         with AnalysisWriter(tmp_path / "a.nc", grid=sim.Grid((n, n), (1.0, 1.0))) as w:
             for i in range(300):
                 state = rng.random((10, n, n), dtype=np.float32)
                 w.append(
-                    WindowResult(10.0 * i + np.arange(10), state, state, None, info, {})
+                    WindowResult(
+                        times=10.0 * i + np.arange(10),
+                        analysis=state,
+                        background=state,
+                        theta=None,
+                        steps=1,
+                        outcome="converged",
+                        cost=np.ones(2),
+                        grad_norm=np.ones(2),
+                        cost_history=np.ones(2),
+                        grad_norm_history=np.ones(2),
+                        diagnostics={},
+                    )
                 )
             w.close()
     finally:

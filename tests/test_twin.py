@@ -10,9 +10,11 @@ from assim import (
     AnalysisWriter,
     DiffusionCovariance,
     ObservationSet,
-    Var4D,
+    Variational,
+    WindowProblem,
     analysis_dataset,
     cycle,
+    incremental,
 )
 from assim._twin import MissingTerm, run_twin, sensor_mask
 
@@ -96,8 +98,9 @@ def test_cycle_background_is_previous_forecast(tmp_path):
         )
         for k in (0, 3)
     ]
-    template = Var4D(model, jnp.zeros(16), DiffusionCovariance(grid, 0.5, 0.1), 2)
-    results = cycle(template, windows, method="gauss-newton", max_steps=3)
+    problem = WindowProblem(model, DiffusionCovariance(grid, 0.5, 0.1), 2)
+    analyser = Variational(incremental(), max_steps=3)
+    results = list(cycle(analyser, problem, windows, jnp.zeros(16)))
     assert len(results) == 2
     expected = model.rollout(jnp.asarray(results[0].analysis[-1]), 2)[-1]
     np.testing.assert_allclose(results[1].background[0], expected, atol=1e-10)

@@ -32,18 +32,22 @@ def source_field(grid: Grid, modes) -> np.ndarray:
     return out
 
 
-def instantiate_trusted(cfg, **kwargs):
+def instantiate_trusted(cfg, *, _convert_: str = "all", **objects):
     """`hydra.utils.instantiate` for configs that may come from a file someone else
     wrote (a checkpoint's header): every `_target_` must name something in this
     project's packages (`simulators.`, `assim.`, `optimistix.`, `lineax.`), so that
-    loading a file can never call an arbitrary function."""
+    loading a file can never call an arbitrary function. `objects` (a grid, a key,
+    a callback) are passed to the built callable as they are: hydra would turn
+    them into configs."""
     for target in _targets(OmegaConf.to_container(cfg) if _is_config(cfg) else cfg):
         if not str(target).startswith(_TRUSTED):
             raise ValueError(
                 f"refusing to build {target!r}: configs may only name "
                 f"{', '.join(p.rstrip('.') for p in _TRUSTED)} objects"
             )
-    return instantiate(cfg, **kwargs)
+    if not objects:
+        return instantiate(cfg, _convert_=_convert_)
+    return instantiate(cfg, _partial_=True, _convert_=_convert_)(**objects)
 
 
 _TRUSTED = ("simulators.", "assim.", "optimistix.", "lineax.")

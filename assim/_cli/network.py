@@ -30,7 +30,7 @@ def build_network(cfg, *, n_times: int, interval: int, scale: float, seed):
     target = str(net_cfg.net._target_)
     if target.endswith("UnrolledVar"):
         extra.update(grid=grid, n_times=int(n_times), key=key_net)
-    net = instantiate_trusted(net_cfg.net, _convert_="all", **extra)
+    net = instantiate_trusted(net_cfg.net, **extra)
     return net, problem, (parameter if learn else None)
 
 
@@ -53,9 +53,12 @@ def network_header(cfg: DictConfig, *, n_times, interval, scale) -> dict:
 def training_settings(training_cfg):
     """`assim.TrainSettings` from the `training` config (its `weights` are the loss
     terms' weights, interpolated into `loss`)."""
-    values = OmegaConf.to_container(OmegaConf.create(training_cfg), resolve=True)
+    if isinstance(training_cfg, DictConfig):  # resolved against its root config
+        values = OmegaConf.to_container(training_cfg, resolve=True)
+    else:  # a checkpoint header's copy, resolved when it was written
+        values = dict(training_cfg)
     values.pop("weights", None)
-    return instantiate_trusted(values, _convert_="all")
+    return instantiate_trusted(values)
 
 
 def load_network(path):

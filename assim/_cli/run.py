@@ -111,9 +111,7 @@ def _assimilate(cfg: DictConfig) -> dict:
             total = count * int(method.analyser.max_steps)
             bar = tqdm(total=total, desc=method.name, unit="it")
             progress = lambda step, cost: bar.update(1)  # noqa: E731
-        analyser = instantiate_trusted(
-            method.analyser, _convert_="all", progress=progress
-        )
+        analyser = instantiate_trusted(method.analyser, progress=progress)
     else:
         analyser = net
     if method.get("cycle", True):
