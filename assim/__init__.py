@@ -63,6 +63,7 @@ from ._networks import ProximalPrior as ProximalPrior
 from ._networks import WarmStart as WarmStart
 from ._observations import ObservationError as ObservationError
 from ._observations import ObservationSet as ObservationSet
+from ._observations import bundled_dataset as bundled_dataset
 from ._observations import iter_windows as iter_windows
 from ._observations import open_observations as open_observations
 from ._operators import AbstractObservationOperator as AbstractObservationOperator
@@ -81,6 +82,7 @@ from ._problem import bounded_log as bounded_log
 from ._stream import WindowStream as WindowStream
 from ._stream import archive_files as archive_files
 from ._stream import open_archive as open_archive
+from ._stream import split_windows as split_windows
 from ._train import TrainingStopped as TrainingStopped
 from ._train import TrainSettings as TrainSettings
 from ._train import evaluate as evaluate

@@ -126,7 +126,8 @@ class Masking(AbstractLoss):
 class Residual(AbstractLoss):
     """The optimality residual at the network's output: the mean square of the
     B-preconditioned gradient of the window problem's cost (`x_0 - x_b + B grad J_m`
-    and, weak constraint, `w + grad_w J_m`), divided by `net.scale ** 2`. Zero at a
+    and, weak constraint, `grad_w J_m`, which holds the `|w|^2 / 2` prior's `w`),
+    divided by `net.scale ** 2`. Zero at a
     stationary point of 4D-Var; no truth needed."""
 
     def __call__(self, net, problem, window, background, **_):
@@ -137,7 +138,7 @@ class Residual(AbstractLoss):
         d = (analysis.initial_state - background) + gradient.initial_state
         value = jnp.mean(d**2)
         if analysis.w is not None:
-            value = value + jnp.mean((analysis.w + gradient.w) ** 2)
+            value = value + jnp.mean(gradient.w**2)
         return value / net.scale**2
 
 

@@ -252,3 +252,11 @@ def observation_interval(ds: xr.Dataset, dt: float) -> int:
             f"time step dt={dt:g}"
         )
     return int(round(steps))
+
+
+def bundled_dataset() -> Path:
+    """The path of the bundled observation file (a 2D advection-diffusion twin
+    experiment: 32 x 32, moving tracks, the diffusivity field unknown)."""
+    from importlib import resources
+
+    return Path(str(resources.files("assim.datasets") / "advection_diffusion2d.nc"))

@@ -455,9 +455,10 @@ class WindowProblem(eqx.Module):
         self, analysis: Analysis, window: ObservationSet
     ) -> Analysis:
         """`(B grad_{x_0} J_m, grad_w J_m)` with `J_m = state_cost`: the gradient of
-        the non-background terms, preconditioned by `B` for the initial state (so
-        that no `B^-1` is needed: the background term's preconditioned gradient is
-        `x_0 - x_b`) and by the identity for the whitened forcings. `theta` is held.
+        the non-background terms (the model-error prior `|w|^2 / 2` included),
+        preconditioned by `B` for the initial state (so that no `B^-1` is needed:
+        the background term's preconditioned gradient is `x_0 - x_b`) and by the
+        identity for the whitened forcings: `grad_w J` itself. `theta` is held.
         """
         grad = jax.grad(
             lambda x, w: self.state_cost(Analysis(x, analysis.theta, w), window),

@@ -301,3 +301,47 @@ class WindowStream:
     def batches(self, index_lists: Iterable[Sequence[int]]) -> Iterator[Batch]:
         """`batch(indices)` for each entry of `index_lists`, read `prefetch` ahead."""
         return prefetch((self.batch(ix) for ix in index_lists), self.prefetch)
+
+
+def split_windows(ds, length: int, dtype):
+    """The file's windows grouped by its `split` variable (0 train, 1 validation,
+    2 test; without one: the first 80% train, the next 10% validation)."""
+    stream = WindowStream(ds, length, prefetch=0, dtype=dtype)
+    groups = {0: [], 1: [], 2: []}
+    for label, k in zip(window_labels(ds, length), range(len(stream)), strict=True):
+        groups[label].append(stream[k])
+    return groups
+
+
+def window_labels(ds, length: int) -> np.ndarray:
+    """Each window's split (0 train, 1 validation, 2 test) from the file's `split`
+    variable (read alone); without one: the first 80% train, the next 10%
+    validation."""
+    n = ds.sizes["time"] // length
+    if "split" in ds.variables:
+        return np.asarray(ds["split"].values)[: n * length : length].astype(int)
+    k = np.arange(n)
+    return np.where(k < 0.8 * n, 0, np.where(k < 0.9 * n, 1, 2))
+
+
+def stream_windows(ds, length: int, max_windows, dtype, grid):
+    """`(training WindowStream, validation Batch or None)` of a dataset's splits
+    (`window_labels`): the training windows stay on disk and are read batch by
+    batch; the validation windows are loaded."""
+    labels = window_labels(ds, length)
+    if max_windows:
+        labels = labels[: int(max_windows)]
+    train_idx = np.flatnonzero(labels == 0)
+    if not train_idx.size:
+        raise ValueError("the observation file has no training window")
+    data = WindowStream(
+        ds, length, windows=train_idx.tolist(), dtype=dtype, grid_shape=grid.shape
+    )
+    val_idx = np.flatnonzero(labels == 1).tolist()
+    validation = None
+    if val_idx:
+        val = WindowStream(
+            ds, length, windows=val_idx, dtype=dtype, grid_shape=grid.shape
+        )
+        validation = val.batch(range(len(val)))
+    return data, validation

@@ -85,16 +85,16 @@ class UnrolledVar(AbstractWindowNet):
     Each of the `K` layers is one iteration on the window problem's cost with a
     learned weight on its background term,
     `J_k(x_0, w) = lambda_k |x_0 - x_b|^2_{B^-1} / 2 + J_m(x_0, w)`
-    (`J_m`: every other term of the problem: observations, model error, extra
-    terms; `WindowProblem.state_cost`), preconditioned by `B` for the state (no
-    `B^-1` is needed) and by the identity for the whitened model-error forcings `w`
-    of a weak-constraint problem:
+    (`J_m`: every other term of the problem: observations, the model-error prior
+    `|w|^2 / 2`, extra terms; `WindowProblem.state_cost`), preconditioned by `B`
+    for the state (no `B^-1` is needed) and by the identity for the whitened
+    model-error forcings `w` of a weak-constraint problem:
 
     `d_k = lambda_k (z_k - x_b) + B grad_{x_0} J_m(z_k)`,
     `z_k = x_k + beta_k (x_k - x_{k-1})` (Nesterov momentum),
     `x_{k+1} = P_k(z_k - alpha_k d_k - u_k)`,
 
-    and `w_{k+1} = z^w_k - alpha_k (z^w_k + grad_w J_m)` alike, where the gradients
+    and `w_{k+1} = z^w_k - alpha_k grad_w J_m` alike, where the gradients
     run through the simulator's adjoint, `alpha_k` are learned step sizes,
     `lambda_k` learned regularisation weights (non-increasing under
     `continuation`), `beta_k` a learned momentum schedule, `u_k` the update of a
@@ -328,7 +328,7 @@ class UnrolledVar(AbstractWindowNet):
         d = d + gradient.initial_state
         alpha = jnp.exp(self.log_step[k])
         new = z - alpha * d
-        new_w = None if w is None else zw - alpha * (zw + gradient.w)
+        new_w = None if w is None else zw - alpha * gradient.w
         if self.gradient_solver is not None:
             norm = jnp.sqrt(jnp.mean(d**2)) + jnp.finfo(d.dtype).tiny ** 0.25
             update, memory = self.gradient_solver(d / norm, z / self.scale, memory)

@@ -38,11 +38,18 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
+import equinox as eqx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import simulators as sim  # noqa: E402
-from assim import ObservationSet, SpectralCovariance, Var4D, minimise  # noqa: E402
+from assim import (  # noqa: E402
+    ObservationSet,
+    SpectralCovariance,
+    Variational,
+    WindowProblem,
+    incremental,
+)
 
 
 def truth_run(simulator, n_obs, interval, spinup, seed, *, zero_mean=False):
@@ -85,6 +92,10 @@ def cycled(simulator, B, truth, obs, interval, lag, burn, *, max_steps=6):
     xb = jnp.asarray(obs[0])  # first background: the first observation
     errors = []
     forecast = jax.jit(lambda s, u, n: s.rollout(u, n)[-1], static_argnums=2)
+    problem = WindowProblem(simulator, B, interval)
+    analyser = eqx.filter_jit(
+        Variational(incremental(inner_steps=40, inner_rtol=1e-6), max_steps)
+    )
     mask = np.zeros((lag + 1, *obs.shape[1:]), bool)
     mask[-1] = True
     t0, n_cycles = time.perf_counter(), 0
@@ -95,18 +106,9 @@ def cycled(simulator, B, truth, obs, interval, lag, burn, *, max_steps=6):
             jnp.ones(mask.shape),
             jnp.arange(lag + 1) * 1.0,
         )
-        cost = Var4D(simulator, xb, B, interval)
         if k == burn:
             t0, n_cycles = time.perf_counter(), 0
-        control, _ = minimise(
-            cost,
-            window_obs,
-            method="gauss-newton",
-            max_steps=max_steps,
-            inner_steps=40,
-            inner_rtol=1e-6,
-        )
-        x0, _ = cost.analysis(control)
+        x0 = analyser(problem, window_obs, xb)[0].initial_state
         n_cycles += 1
         if k >= burn:
             xa = forecast(simulator, x0, lag * interval)
@@ -115,6 +117,7 @@ def cycled(simulator, B, truth, obs, interval, lag, burn, *, max_steps=6):
     return errors, (time.perf_counter() - t0) / max(n_cycles, 1)
 
 
+@eqx.filter_jit
 def analyse(simulator, background, B, y, inner_steps, inner_rtol):
     """The 3D-Var analysis of one fully observed time `y` (R = I): step 1 of an
     optimistix solve evaluates the start, step 2 is the exact Gauss-Newton
@@ -123,16 +126,12 @@ def analyse(simulator, background, B, y, inner_steps, inner_rtol):
     window_obs = ObservationSet(
         jnp.asarray(y[None]), jnp.ones(shape, bool), jnp.ones(shape), jnp.zeros(1)
     )
-    cost = Var4D(simulator, jnp.asarray(background), B)  # no model step
-    control, _ = minimise(
-        cost,
-        window_obs,
-        method="gauss-newton",
-        max_steps=2,
-        inner_steps=inner_steps,
-        inner_rtol=inner_rtol,
+    problem = WindowProblem(simulator, B)  # no model step
+    solver = incremental(inner_steps=inner_steps, inner_rtol=inner_rtol)
+    analysis, _ = Variational(solver, max_steps=2)(
+        problem, window_obs, jnp.asarray(background)
     )
-    return cost.analysis(control)[0]
+    return analysis.initial_state
 
 
 def var3d(simulator, B, truth, obs, interval, burn):

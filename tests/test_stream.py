@@ -15,13 +15,13 @@ from assim import (
     ObservationError,
     TrainSettings,
     WindowStream,
+    bundled_dataset,
     iter_windows,
     open_archive,
     open_observations,
     train,
     windows_batch,
 )
-from assim._cli.run import bundled_dataset
 from assim._stream import prefetch
 
 T, INTERVAL = 3, 5

@@ -9,7 +9,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .common import generate_twin, log, run_app
+from assim._config import generate_twin
+
+from .common import log, run_app
 
 
 def _generate(cfg: DictConfig) -> dict:

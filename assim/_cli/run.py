@@ -10,7 +10,6 @@ The CLI builds the window problem and the analyser from the config and calls
 
 import dataclasses
 import time
-from importlib import resources
 from pathlib import Path
 
 import hydra
@@ -26,19 +25,21 @@ from assim import (
     WindowStream,
     archive_files,
     assimilate,
+    bundled_dataset,
     cycle,
     open_archive,
     open_observations,
 )
+from assim._config import (
+    build_problem,
+    generate_twin,
+    instantiate_trusted,
+    load_network,
+)
 from assim._io import write_json, write_netcdf
 from assim._observations import observation_interval, window_starts
 
-from .common import build_problem, generate_twin, instantiate_trusted, log, run_app
-
-
-def bundled_dataset() -> Path:
-    """Path of the bundled observation file."""
-    return Path(str(resources.files("assim.datasets") / "advection_diffusion2d.nc"))
+from .common import log, run_app
 
 
 def open_data(cfg, grid, out):
@@ -65,8 +66,6 @@ def _analyser(cfg, grid):
     trained with, which replaces the config's)."""
     method = cfg.method
     if method.name == "unrolled":
-        from .network import load_network
-
         net, problem, parameter, header = load_network(method.checkpoint)
         cfg = OmegaConf.create(
             {**OmegaConf.to_container(cfg), "simulator": header["simulator"]}

@@ -89,9 +89,8 @@ def run(cfg: DictConfig) -> dict:
     """Run one simulation from a composed config; returns the metrics."""
     import jax.numpy as jnp
 
+    from assim._config import build_simulator
     from assim._io import write_json, write_netcdf
-
-    from .common import build_simulator
 
     out = Path(HydraConfig.get().runtime.output_dir)
     simulator, _ = build_simulator(cfg.simulator)

@@ -1,0 +1,186 @@
+"""The window problem: one definition of the cost, its gradient and its Gauss-Newton
+operator, which every analyser evaluates (small Lorenz-96 windows, float64)."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import l96_twin_windows, minimise
+
+import simulators as sim
+from assim import (
+    Analysis,
+    Control,
+    DiagonalCovariance,
+    Parameter,
+    StateBounds,
+    Supervised,
+    Term,
+    TrainSettings,
+    UnrolledVar,
+    WeightedLoss,
+    WindowProblem,
+    train,
+    windows_batch,
+)
+
+T, INTERVAL = 3, 5
+
+
+@pytest.fixture(scope="module")
+def l96_windows():
+    return l96_twin_windows(4, T, INTERVAL, spinup=500)
+
+
+def _problem(l96, B, weak: bool):
+    forcing = Parameter("forcing", 8.0, DiagonalCovariance(0.1), ())
+    Q = DiagonalCovariance(0.5) if weak else None
+    return WindowProblem(
+        l96,
+        B,
+        INTERVAL,
+        set_parameters=forcing,
+        model_error_covariance=Q,
+        terms=[StateBounds(lower=-20.0, upper=20.0, tolerance=0.5)],
+    )
+
+
+def _net(l96, key, **options):
+    return UnrolledVar(
+        l96.model.grid, 3, n_times=T, step=0.05, scale=3.6, key=key, **options
+    )
+
+
+@pytest.mark.parametrize("weak", [False, True], ids=["strong", "weak"])
+def test_unrolled_network_descends_the_problems_cost(l96_windows, getkey, weak):
+    """An unrolled network's layer cost at `lambda = 1` is the problem's cost at the
+    same state (strong and weak constraint, with a parameter and an extra term), and
+    its B-preconditioned direction is the problem's gradient mapped back through
+    `B^{1/2}`: the cost is defined once."""
+    l96, B, windows = l96_windows
+    obs, xb = windows[1], jnp.asarray(windows[1].truth[0]) + 1.0
+    problem = _problem(l96, B, weak)
+    theta = jnp.asarray(0.3)
+    net = _net(l96, getkey(), theta=theta, regularisation=1.0)
+    rng = np.random.default_rng(1)
+    x = xb + jnp.asarray(rng.normal(size=40))
+    w = jnp.asarray(rng.normal(size=(T - 1, 40))) if weak else None
+    control = problem.control(Analysis(x, theta, w), xb)
+    model = net.model_problem(problem)
+    # The network's problem holds the learned forcing fixed: its cost is the
+    # problem's without the parameter prior term.
+    prior = 0.5 * (theta / problem.parameter_std) ** 2
+    expected = problem.cost(control, obs, xb) - prior
+    layer = net.layer_cost(problem, 0, Analysis(x, None, w), obs, xb)
+    np.testing.assert_allclose(layer, expected, rtol=1e-12)
+    np.testing.assert_allclose(model.cost(control, obs, xb), expected, rtol=1e-12)
+    grad = jax.grad(lambda c: problem.cost(c, obs, xb))(control)
+    step = model.preconditioned_gradient(Analysis(x, None, w), obs)
+    np.testing.assert_allclose(
+        B.sqrt(grad.v), (x - xb) + step.initial_state, rtol=1e-10, atol=1e-10
+    )
+    if weak:
+        np.testing.assert_allclose(grad.w, step.w, rtol=1e-10, atol=1e-10)
+    # The first layer (no momentum, prior or LSTM) takes exactly that step.
+    one = eqx.tree_at(lambda n: n.log_step, net, net.log_step[:1])
+    analysis, _ = one(problem, obs, xb)
+    alpha = float(jnp.exp(net.log_step[0]))
+    start = model.preconditioned_gradient(
+        Analysis(xb, None, None if w is None else jnp.zeros_like(w)), obs
+    )
+    np.testing.assert_allclose(
+        analysis.initial_state, xb - alpha * start.initial_state, rtol=1e-10
+    )
+
+
+def test_gauss_newton_operator_is_the_residual_jacobian_product(l96_windows):
+    """`I + G^T G` over the state controls `(v, w)`, with `G` the Jacobian of the
+    non-background residuals, against a dense `G` (weak constraint)."""
+    l96, B, windows = l96_windows
+    obs, xb = windows[0], jnp.asarray(windows[0].truth[0]) + 1.0
+    problem = _problem(l96, B, weak=True)
+    rng = np.random.default_rng(2)
+    control = Control(
+        jnp.asarray(rng.normal(size=40)),
+        jnp.asarray(0.1),
+        jnp.asarray(rng.normal(size=(T - 1, 40))),
+    )
+    H = problem.gauss_newton(control, obs, xb).as_matrix()
+    flat, unravel = jax.flatten_util.ravel_pytree((control.v, control.w))
+
+    def residual(z):
+        v, w = unravel(z)
+        r = problem.residuals(Control(v, control.theta, w), obs, xb)
+        del r["background"], r["parameters"]  # constant in (v, w)
+        return jax.flatten_util.ravel_pytree(r)[0]
+
+    G = jax.jacfwd(residual)(flat)
+    np.testing.assert_allclose(H, np.eye(flat.size) + G.T @ G, rtol=1e-9, atol=1e-9)
+
+
+def test_state_bounds_steer_the_analysis(l96_windows):
+    """An upper bound added to the problem as a cost term lowers the analysis where
+    it exceeded the bound, through the same Gauss-Newton solve (and its residual is
+    zero inside the bounds)."""
+    l96, B, windows = l96_windows
+    obs, xb = windows[2], jnp.asarray(windows[2].truth[0]) + 1.0
+    plain = WindowProblem(l96, B, INTERVAL)
+    free, _ = minimise(plain, obs, xb, method="gauss-newton", max_steps=5)
+    x_free = plain.analysis(free, xb).initial_state
+    bound = float(np.quantile(np.asarray(x_free), 0.8))
+    bounded = WindowProblem(
+        l96, B, INTERVAL, terms=[StateBounds(upper=bound, tolerance=0.05)]
+    )
+    steered, _ = minimise(bounded, obs, xb, method="gauss-newton", max_steps=5)
+    x_bounded = bounded.analysis(steered, xb).initial_state
+    excess = lambda x: float(jnp.sum(jnp.maximum(x - bound, 0.0)))  # noqa: E731
+    assert excess(x_free) > 0.5
+    assert excess(x_bounded) < 0.2 * excess(x_free), (excess(x_bounded), excess(x_free))
+    inside = StateBounds(lower=-1.0, upper=1.0).residual(jnp.zeros((2, 3)), None)
+    assert not np.any(np.asarray(inside))
+    with pytest.raises(ValueError, match="lower"):
+        StateBounds(lower=1.0, upper=0.0)
+
+
+def test_parameter_places_a_bounded_value():
+    """`Parameter`: whitened control -> `background * exp(3 tanh(S theta / 3))`
+    placed in the model; a name the model lacks is refused."""
+    l96 = sim.Simulator(sim.Lorenz96(), sim.RK4(), 0.01)
+    forcing = Parameter("forcing", 8.0, DiagonalCovariance(0.5), ())
+    placed = forcing(l96, jnp.asarray(2.0))
+    np.testing.assert_allclose(placed.model.forcing, 8.0 * np.exp(3 * np.tanh(1 / 3)))
+    np.testing.assert_allclose(forcing.value(jnp.asarray(100.0)), 8.0 * np.exp(3.0))
+    with pytest.raises(ValueError, match="has no parameter 'kappa'"):
+        Parameter("kappa", 1.0, DiagonalCovariance(0.5), ())(l96, jnp.asarray(0.0))
+    problem = WindowProblem(l96, DiagonalCovariance(1.0), set_parameters=forcing)
+    assert problem.parameter_background.shape == () and problem.estimates_parameters
+
+
+def test_unrolled_network_trains_on_a_weak_constraint_problem(l96_windows, getkey):
+    """With model error in the problem, the network's layers also estimate the
+    forcings `w`; training through them lowers the supervised loss, along a
+    different path from the same training on the strong problem."""
+    l96, B, windows = l96_windows
+    data = windows_batch(windows, (40,), [w.truth[0] + 1.0 for w in windows])
+    net = _net(l96, getkey(), momentum=True)
+    weak = WindowProblem(
+        l96, B, INTERVAL, model_error_covariance=DiagonalCovariance(0.5)
+    )
+    analysis, _ = net(weak, windows[0], data.background[0])
+    assert analysis.w.shape == (T - 1, 40) and np.any(np.asarray(analysis.w) != 0)
+    settings = TrainSettings(
+        steps=8,
+        batch_size=4,
+        learning_rate=0.2,
+        warmup_steps=1,
+        validate_every=0,
+        checkpoint_every=0,
+        loss=WeightedLoss({"supervised": Term(Supervised())}),
+    )
+    trained, records = train(net, weak, data, settings)
+    losses = [r["loss"] for r in records]
+    assert np.all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0], losses
+    _, strong = train(net, WindowProblem(l96, B, INTERVAL), data, settings)
+    strong = [r["loss"] for r in strong]
+    assert np.max(np.abs(np.subtract(losses, strong))) > 1e-4 * losses[0]
