@@ -424,3 +424,36 @@ def l96_problem(simulator, B, *, forcing: bool = False) -> WindowProblem:
         parameter_background=jnp.asarray(0.0),
         parameter_std=1.0,
     )
+
+
+def bundled_setup(layers: int, test_windows: int = 0):
+    """The bundled dataset's training / validation / test windows, and the untrained
+    network and its problem as `assim-train` builds them from its default config
+    (`assim._config.build_network`): `(ds, data, validation, test, net, problem,
+    parameter)`."""
+    import xarray as xr
+    from hydra import compose, initialize_config_module
+
+    from assim import bundled_dataset, split_windows
+    from assim._config import build_network
+
+    with initialize_config_module("assim.configs", version_base=None):
+        cfg = compose("train", overrides=[f"network.net.n_layers={layers}"])
+    ds = xr.open_dataset(bundled_dataset())
+    length = int(ds.attrs["window_length"])
+    interval = int(ds.attrs["observation_interval_steps"])
+    groups = split_windows(ds, length, jnp.float64)
+    shape = tuple(ds["obs"].shape[1:])
+    data, validation, test = (windows_batch(groups[k], shape) for k in (0, 1, 2))
+    if test_windows:
+        test = select(test, slice(0, test_windows))
+    scale = data.observed_std()
+    net, problem, parameter = build_network(
+        cfg, n_times=length, interval=interval, scale=scale, seed=0
+    )
+    net = net.with_stable_steps(problem, select(data.obs, 0), data.background[0])
+    print(
+        f"bundled: {data.size} training, {validation.size} validation, "
+        f"{test.size} test windows"
+    )
+    return ds, data, validation, test, net, problem, parameter
