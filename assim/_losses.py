@@ -347,6 +347,25 @@ class WeightedLoss(eqx.Module):
             )
         self.terms = kept
 
+    @classmethod
+    def of(cls, **weights: float) -> "WeightedLoss":
+        """The named losses with their default settings and these weights, e.g.
+        `WeightedLoss.of(masking=1.0, residual=0.1)` (names: supervised, masking,
+        residual, cost, evidence)."""
+        defaults = {
+            "supervised": Supervised,
+            "masking": Masking,
+            "residual": Residual,
+            "cost": Cost,
+            "evidence": Evidence,
+        }
+        unknown = set(weights) - set(defaults)
+        if unknown:
+            raise ValueError(
+                f"unknown losses {sorted(unknown)}: expected {sorted(defaults)}"
+            )
+        return cls({k: Term(defaults[k](), float(w)) for k, w in weights.items()})
+
     def __call__(
         self, net, problem, window, background, *, key, windows=1, analysis=None
     ) -> tuple[Array, dict[str, Array]]:

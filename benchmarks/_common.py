@@ -24,18 +24,11 @@ import optimistix as optx  # noqa: E402
 import simulators as sim  # noqa: E402
 from assim import (  # noqa: E402
     Analysis,
-    Cost,
-    Evidence,
-    Masking,
     ObservationSet,
-    Residual,
     SpectralCovariance,
-    Supervised,
-    Term,
     TrainSettings,
     UnrolledVar,
     Variational,
-    WeightedLoss,
     WindowProblem,
     train,
     windows_batch,
@@ -240,18 +233,6 @@ def cache_path(net, problem, settings: TrainSettings) -> Path:
         )
     )
     return CACHE / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.eqx"
-
-
-def losses(**weights) -> WeightedLoss:
-    """`losses(masking=1.0, cost=0.1)`: the named loss modules with weights."""
-    modules = {
-        "supervised": Supervised(),
-        "masking": Masking(),
-        "residual": Residual(),
-        "cost": Cost(),
-        "evidence": Evidence(),
-    }
-    return WeightedLoss({k: Term(modules[k], w) for k, w in weights.items()})
 
 
 def fit(

@@ -27,10 +27,11 @@ from _common import (
     fit,
     kappa_error,
     lbfgs,
-    losses,
     print_table,
     use_common_arguments,
 )
+
+from assim import WeightedLoss
 
 
 def main():
@@ -58,8 +59,12 @@ def main():
         learning_rate=args.bundled_learning_rate,
         parameter_learning_rate=args.bundled_parameter_learning_rate,
     )
-    supervised = fit(net, problem, data, validation, loss=losses(supervised=1.0), **kw)
-    masked = fit(net, problem, data, validation, loss=losses(masking=1.0), **kw)
+    supervised = fit(
+        net, problem, data, validation, loss=WeightedLoss.of(supervised=1.0), **kw
+    )
+    masked = fit(
+        net, problem, data, validation, loss=WeightedLoss.of(masking=1.0), **kw
+    )
     methods = [
         ("background (observation mean)", background_method(prior)),
         (

@@ -30,13 +30,12 @@ from _common import (
     l96_unrolled,
     l96_windows,
     lbfgs,
-    losses,
     oi_method,
     print_table,
     use_common_arguments,
 )
 
-from assim import BilevelVar, SpectralCovariance, WindowProblem
+from assim import BilevelVar, SpectralCovariance, WeightedLoss, WindowProblem
 
 
 def main():
@@ -72,7 +71,7 @@ def main():
         validation,
         steps=args.forcing_steps,
         batch_size=args.forcing_batch,
-        loss=losses(masking=1.0),
+        loss=WeightedLoss.of(masking=1.0),
         learning_rate=1e-2,
     )
     bilevel = BilevelVar(theta=theta0, scale=scale, max_steps=1000)
@@ -83,7 +82,7 @@ def main():
         validation,
         steps=args.forcing_bilevel_steps,
         batch_size=args.forcing_bilevel_batch,
-        loss=losses(masking=1.0),
+        loss=WeightedLoss.of(masking=1.0),
         learning_rate=1e-2,
     )
     # Type-II maximum likelihood: F and the B scale by the observations' marginal
@@ -95,7 +94,7 @@ def main():
         validation,
         steps=args.forcing_evidence_steps,
         batch_size=args.forcing_evidence_batch,
-        loss=losses(evidence=1.0),
+        loss=WeightedLoss.of(evidence=1.0),
         learning_rate=1e-2,
     )
     learned_scale = float(np.exp(evidence_trained.log_scale))

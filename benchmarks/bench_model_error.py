@@ -23,13 +23,12 @@ from _common import (
     l96_simulator,
     l96_unrolled,
     l96_windows,
-    losses,
     print_table,
     select,
     use_common_arguments,
 )
 
-from assim import Analysis, NeuralCorrection
+from assim import Analysis, NeuralCorrection, WeightedLoss
 from assim._twin import MissingTerm
 
 
@@ -87,7 +86,7 @@ def main():
             validation,
             steps=args.model_error_steps,
             batch_size=16,
-            loss=losses(masking=1.0),
+            loss=WeightedLoss.of(masking=1.0),
         )
     truth = np.asarray(test.obs.truth)
     rows, errors = [], []

@@ -34,10 +34,11 @@ from _common import (
     l96_unrolled,
     l96_windows,
     lbfgs,
-    losses,
     print_table,
     use_common_arguments,
 )
+
+from assim import WeightedLoss
 
 
 def main():
@@ -69,9 +70,11 @@ def main():
     net = l96_unrolled(problem, K, data, scale, jax.random.PRNGKey(0))
     common = dict(steps=args.steps, batch_size=16)
     supervised = fit(
-        net, problem, data, validation, loss=losses(supervised=1.0), **common
+        net, problem, data, validation, loss=WeightedLoss.of(supervised=1.0), **common
     )
-    masked = fit(net, problem, data, validation, loss=losses(masking=1.0), **common)
+    masked = fit(
+        net, problem, data, validation, loss=WeightedLoss.of(masking=1.0), **common
+    )
     methods = [
         ("background", background_method(problem)),
         ("4D-Var, converged (L-BFGS)", analyser_method(lbfgs(1000), problem)),
@@ -96,7 +99,12 @@ def main():
             ("masking (no truth)", "masking"),
         ):
             trained = fit(
-                lstm, problem, data, validation, loss=losses(**{loss: 1.0}), **common
+                lstm,
+                problem,
+                data,
+                validation,
+                loss=WeightedLoss.of(**{loss: 1.0}),
+                **common,
             )
             methods.append(
                 (

@@ -24,7 +24,6 @@ from assim import (
     NeuralCorrection,
     Residual,
     ReverseImplicitAdjoint,
-    Supervised,
     Term,
     TrainingStopped,
     TrainSettings,
@@ -80,18 +79,6 @@ def make_net(l96, B, key, *, problem_options=None, **options):
     return net, problem
 
 
-def losses(**weights):
-    """A `WeightedLoss` of the named losses with their weights."""
-    modules = {
-        "supervised": Supervised(),
-        "masking": Masking(),
-        "residual": Residual(),
-        "cost": Cost(),
-        "evidence": Evidence(),
-    }
-    return WeightedLoss({k: Term(modules[k], w) for k, w in weights.items()})
-
-
 def trajectory(net, problem, obs, xb):
     return net.trajectory(problem, obs, xb)
 
@@ -130,7 +117,7 @@ def test_checkpointed_layers_give_the_same_gradient(l96_windows, getkey):
         grads.append(
             eqx.filter_grad(
                 lambda p, static=static, problem=problem: batch_loss(
-                    losses(supervised=1.0),
+                    WeightedLoss.of(supervised=1.0),
                     eqx.combine(p, static),
                     problem,
                     batch,
@@ -423,7 +410,7 @@ def test_cost_loss_is_the_joint_4dvar_cost(l96_windows, getkey):
         total = total + values[-1] * jnp.sum(obs.mask)
     np.testing.assert_allclose(total, joint, rtol=1e-10)
     # batch_loss: the mean over the batch, the prior shared by the `windows` given.
-    loss = losses(cost=1.0)
+    loss = WeightedLoss.of(cost=1.0)
     value, _ = batch_loss(loss, net, problem, data, key=getkey(), windows=3)
     np.testing.assert_allclose(value, np.mean(values), rtol=1e-12)
     value, _ = batch_loss(loss, net, problem, data, key=getkey())
@@ -574,7 +561,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_state(l96_windows, getkey, tm
         learning_rate=1e3,
         warmup_steps=1,
         clip_norm=1e6,
-        loss=losses(supervised=1.0),
+        loss=WeightedLoss.of(supervised=1.0),
     )
     path = tmp_path / "ck.eqx"
     with pytest.raises(TrainingStopped, match="last good state"):
@@ -636,7 +623,7 @@ def test_parameter_learning_rate_moves_theta_at_its_own_rate(l96_windows, getkey
         warmup_steps=1,
         validate_every=0,
         checkpoint_every=0,
-        loss=losses(supervised=1.0),
+        loss=WeightedLoss.of(supervised=1.0),
     )
     trained, _ = train(net, problem, data, settings)
     np.testing.assert_allclose(abs(float(trained.theta)), 0.1, rtol=0.05)
