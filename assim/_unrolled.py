@@ -115,8 +115,12 @@ class UnrolledVar(AbstractWindowNet):
     - `n_layers`: `K`.
     - `n_times`: observation times per window (for the warm-start network).
     - `step`: initial step size; `regularisation`: initial `lambda`.
-    - `continuation`, `momentum`, `prior` (`None | "proximal" | "pnp"`),
-      `gradient_solver`, `warm_start`: the learned parts to include.
+    - `continuation`, `momentum`: the learned schedules to include.
+    - `prior`: `None`, a prior module (`ProximalPrior`, `PlugAndPlayPrior`), or
+      `"proximal"` / `"pnp"` for one built here (a `ConvNet` of `width`, `depth`,
+      `kernel`).
+    - `gradient_solver`: a `ConvLSTMSolver`, or `True` for one built here.
+    - `warm_start`: a `WarmStart` network, or `True` for one built here.
     - `theta`: initial learned parameter controls (e.g. `Parameter.zeros()`), or
       `None` to run with the problem's prior mean.
     - `correction`: a learned model-error correction (e.g. `NeuralCorrection`).
@@ -149,9 +153,9 @@ class UnrolledVar(AbstractWindowNet):
         regularisation: float = 1.0,
         continuation: bool = False,
         momentum: bool = False,
-        prior: str | None = None,
-        gradient_solver: bool = False,
-        warm_start: bool = False,
+        prior: "str | ProximalPrior | PlugAndPlayPrior | None" = None,
+        gradient_solver: "bool | ConvLSTMSolver" = False,
+        warm_start: "bool | WarmStart" = False,
         theta: PyTree[Array] | None = None,
         correction: eqx.Module | None = None,
         scale: float = 1.0,
@@ -166,8 +170,12 @@ class UnrolledVar(AbstractWindowNet):
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
         if step <= 0 or regularisation <= 0:
             raise ValueError("step and regularisation must be positive")
-        if prior not in (None, "proximal", "pnp"):
-            raise ValueError(f"prior must be None, 'proximal' or 'pnp', got {prior!r}")
+        modules = (ProximalPrior, PlugAndPlayPrior)
+        if prior not in (None, "proximal", "pnp") and not isinstance(prior, modules):
+            raise ValueError(
+                "prior must be None, 'proximal', 'pnp' or a ProximalPrior / "
+                f"PlugAndPlayPrior, got {prior!r}"
+            )
         if checkpoints is not None and checkpoints < 1:
             raise ValueError(f"checkpoints must be None or >= 1, got {checkpoints}")
         # Training differentiates the adjoint in each layer (reverse over reverse),
@@ -192,23 +200,22 @@ class UnrolledVar(AbstractWindowNet):
         )
         net = lambda cin, k: ConvNet(grid, cin, 1, width, depth, kernel, key=k)  # noqa: E731
         if prior == "proximal":
-            self.prior = ProximalPrior(net(1, k_prior), scale)
-            self.prior_weight = jnp.ones((K,), dtype)
+            prior = ProximalPrior(net(1, k_prior), scale)
         elif prior == "pnp":
-            self.prior = PlugAndPlayPrior(net(1, k_prior), scale)
+            prior = PlugAndPlayPrior(net(1, k_prior), scale)
+        self.prior = prior
+        if isinstance(prior, ProximalPrior):
+            self.prior_weight = jnp.ones((K,), dtype)
+        elif isinstance(prior, PlugAndPlayPrior):
             self.prior_weight = jnp.full((K,), _logit(0.5), dtype)
         else:
-            self.prior, self.prior_weight = None, None
-        self.gradient_solver = (
-            ConvLSTMSolver(grid, hidden, kernel, key=k_solver)
-            if gradient_solver
-            else None
-        )
-        self.warm_start = (
-            WarmStart(net(1 + 2 * n_times, k_warm), n_times, scale)
-            if warm_start
-            else None
-        )
+            self.prior_weight = None
+        if gradient_solver is True:
+            gradient_solver = ConvLSTMSolver(grid, hidden, kernel, key=k_solver)
+        self.gradient_solver = gradient_solver or None
+        if warm_start is True:
+            warm_start = WarmStart(net(1 + 2 * n_times, k_warm), n_times, scale)
+        self.warm_start = warm_start or None
         self.theta = theta
         self.correction = correction
         self.continuation = bool(continuation)

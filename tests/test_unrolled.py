@@ -635,3 +635,36 @@ def test_parameter_learning_rate_moves_theta_at_its_own_rate(l96_windows, getkey
     assert 0 < max(jax.tree.leaves(moved)) <= 1.05e-4
     with pytest.raises(ValueError, match="learning rates must be positive"):
         TrainSettings(parameter_learning_rate=-1.0)
+
+
+def test_learned_parts_are_modules_or_shortcuts(l96_windows, getkey):
+    """A prior, gradient solver or warm start passed as a module is used as given;
+    the string / `True` shortcuts build the same modules from the network's key."""
+    from assim import ConvLSTMSolver, ConvNet, ProximalPrior
+
+    l96, B, windows = l96_windows
+    grid, key = l96.model.grid, getkey()
+    k_prior, k_solver, _ = jax.random.split(key, 3)
+    given = UnrolledVar(
+        grid,
+        3,
+        prior=ProximalPrior(ConvNet(grid, 1, 1, 4, 2, 3, key=k_prior), 3.6),
+        gradient_solver=ConvLSTMSolver(grid, 8, 3, key=k_solver),
+        scale=3.6,
+        width=4,
+        depth=2,
+        key=key,
+    )
+    built = UnrolledVar(
+        grid,
+        3,
+        prior="proximal",
+        gradient_solver=True,
+        scale=3.6,
+        width=4,
+        depth=2,
+        key=key,
+    )
+    assert tree_allclose(given, built, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="prior must be"):
+        UnrolledVar(grid, 3, prior="tv", key=key)
