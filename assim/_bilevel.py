@@ -273,9 +273,8 @@ class BilevelVar(AbstractWindowNet):
             jnp.where(result == optx.RESULTS.max_steps_reached, MAX_STEPS, FAILED),
         )
         info = Info(solution.stats["num_steps"], outcome)
-        return Analysis(analysis.initial_state, self.parameters(problem), analysis.w), (
-            info
-        )
+        theta = self.parameters(problem)
+        return Analysis(analysis.initial_state, theta, analysis.w), info
 
     def negative_log_evidence(
         self,

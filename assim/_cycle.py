@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
@@ -73,17 +74,23 @@ def analyse_window(
     start = model.initial_control(window, background)
     first = model.trajectory(model.analysis(start, background), n)
     trajectory = model.trajectory(analysis, n)
-    at_start = model.value_and_grad_norm(start, window, background)
-    at_end = model.value_and_grad_norm(
-        model.control(analysis, background), window, background
-    )
+    if info.cost is not None:  # the analyser's own record, at its first and last
+        cost = info.cost[jnp.stack([0, info.steps])]
+        grad_norm = info.grad_norm[jnp.stack([0, info.steps])]
+    else:
+        at_start = model.value_and_grad_norm(start, window, background)
+        at_end = model.value_and_grad_norm(
+            model.control(analysis, background), window, background
+        )
+        cost = jnp.stack([at_start[0], at_end[0]])
+        grad_norm = jnp.stack([at_start[1], at_end[1]])
     return {
         "analysis": analysis,
         "info": info,
         "first": first,
         "trajectory": trajectory,
-        "cost": jax.numpy.stack([at_start[0], at_end[0]]),
-        "grad_norm": jax.numpy.stack([at_start[1], at_end[1]]),
+        "cost": cost,
+        "grad_norm": grad_norm,
         "forecast": model.forecast(analysis, trajectory),
     }
 
