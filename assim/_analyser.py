@@ -6,7 +6,6 @@ import abc
 
 import equinox as eqx
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float, Int
 
 from ._observations import ObservationSet
@@ -84,6 +83,3 @@ def fixed_steps_info(steps: int) -> Info:
     """The `Info` of an analyser that runs a fixed number of steps."""
     return Info(jnp.asarray(steps), jnp.asarray(FIXED_STEPS))
 
-
-def outcome_names(codes) -> np.ndarray:
-    return np.asarray([outcome_name(c) for c in np.ravel(codes)])
