@@ -82,4 +82,3 @@ class AbstractAnalyser(eqx.Module):
 def fixed_steps_info(steps: int) -> Info:
     """The `Info` of an analyser that runs a fixed number of steps."""
     return Info(jnp.asarray(steps), jnp.asarray(FIXED_STEPS))
-

@@ -3,7 +3,6 @@ hyperparameters (background-error scale, physical coefficients, a model-error
 correction) learned through the implicit function theorem at the inner solution."""
 
 import copy
-import dataclasses
 
 import equinox as eqx
 import jax
@@ -226,9 +225,7 @@ class BilevelVar(AbstractWindowNet):
         rollout or a failed stage solve: its cost is then `inf`, so that the line
         search backs off from a trial step the model cannot integrate instead of
         stopping the run."""
-        problem = self.model_problem(problem)
-        simulator = dataclasses.replace(problem.simulator, check_finite=False)
-        return eqx.tree_at(lambda p: p.simulator, problem, simulator)
+        return self.model_problem(problem).tolerating_blow_up()
 
     def solve(
         self,

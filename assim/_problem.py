@@ -7,6 +7,7 @@ gradient and its Gauss-Newton operator are computed; variational solvers, unroll
 networks and bilevel layers all evaluate it through this module."""
 
 import abc
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -312,6 +313,15 @@ class WindowProblem(eqx.Module):
             correction,
             is_leaf=lambda x: x is None,
         )
+
+    def tolerating_blow_up(self) -> "WindowProblem":
+        """The problem whose simulator does not raise on a non-finite rollout or a
+        failed implicit stage solve (`check_finite=False`): its cost is then `inf`,
+        so that a line search backs off from a trial step the model cannot
+        integrate (a chaotic rollout from an over-long step) instead of stopping
+        the run."""
+        simulator = dataclasses.replace(self.simulator, check_finite=False)
+        return eqx.tree_at(lambda p: p.simulator, self, simulator)
 
     def forcings(self, w: Array | None) -> Array | None:
         """The model-error forcings `q_k = Q^{1/2} w_k`, `(n_obs - 1, *grid)`."""

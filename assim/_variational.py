@@ -125,6 +125,9 @@ class Variational(AbstractAnalyser):
         if least_squares:
             fn = lambda y, args: (problem.residuals(y, *args), None)  # noqa: E731
         else:
+            # A line search backs off from a trial step whose rollout blows up (cost
+            # inf) instead of stopping the run; the iterates it accepts are finite.
+            problem = problem.tolerating_blow_up()
             fn = lambda y, args: (problem.cost(y, *args), None)  # noqa: E731
         args = (window, background)
         y0 = problem.initial_control(window, background) if start is None else start

@@ -362,3 +362,34 @@ def test_checkpointed_rollouts_give_the_same_4dvar():
     np.testing.assert_allclose(control_ck.v, control.v, rtol=1e-7, atol=1e-9)
     with pytest.raises(ValueError, match="Gauss-Newton needs the tangent-linear"):
         minimise(binomial, obs, background, method="gauss-newton")
+
+
+def test_lbfgs_backs_off_from_a_trial_step_that_blows_up():
+    """A wide B makes L-BFGS's first trial steps far too long for chaotic Lorenz-96:
+    the rollout blows up. The line search backs off from them (cost `inf`) and
+    the solve converges, instead of stopping at a non-finite rollout (which it did
+    before: the problem's simulator checks finiteness)."""
+    l96 = sim.Simulator(sim.Lorenz96(40, 8.0), sim.RK4(), 0.01)
+    rng = np.random.default_rng(0)
+    u = l96.rollout(jnp.asarray(rng.normal(size=40)), 500)[-1]
+    states = l96.rollout(u, 45, every=5)
+    window = ObservationSet(
+        states + jnp.asarray(rng.normal(size=states.shape)),
+        jnp.ones(states.shape, bool),
+        jnp.ones(states.shape),
+        jnp.arange(10) * 0.05,
+    )
+    problem = WindowProblem(l96, DiagonalCovariance(30.0), 5)
+    background = jnp.full(40, float(jnp.mean(states)))
+    start = problem.initial_control(window, background)
+    step = jax.grad(lambda c: problem.cost(c, window, background))(start)
+    trial = Control(start.v - step.v)  # a steepest-descent trial step
+    with pytest.raises(Exception, match="non-finite"):
+        jax.block_until_ready(
+            problem.trajectory(problem.analysis(trial, background), 10)
+        )
+    control, info = minimise(problem, window, background, max_steps=200)
+    assert info.converged, info.result
+    analysis = problem.analysis(control, background)
+    error = jnp.sqrt(jnp.mean((problem.trajectory(analysis, 10) - states) ** 2))
+    assert float(error) < 0.15 * float(jnp.sqrt(jnp.mean((background - states) ** 2)))
