@@ -60,26 +60,18 @@ def open_data(cfg, grid, out):
     return ds, path, observation_interval(ds, float(cfg.simulator.dt))
 
 
-def _analyser(cfg, grid):
-    """`(analyser, problem, parameter, window length, cfg)`: a classical method from
-    its config, or a trained network from its checkpoint (with the simulator it was
-    trained with, which replaces the config's)."""
-    method = cfg.method
-    if method.name == "unrolled":
-        net, problem, parameter, header = load_network(method.checkpoint)
-        cfg = OmegaConf.create(
-            {**OmegaConf.to_container(cfg), "simulator": header["simulator"]}
-        )
-        return net, problem, parameter, method.window_length or header["n_times"], cfg
-    return None, None, None, method.window_length, cfg
-
-
 def _assimilate(cfg: DictConfig) -> dict:
     out = Path(HydraConfig.get().runtime.output_dir)
     t_start = time.perf_counter()
     method = cfg.method
-    net, problem, parameter, length, cfg = _analyser(cfg, None)
-    if problem is None:
+    net, length = None, method.window_length
+    if method.name == "unrolled":  # a trained network, with the simulator it knows
+        net, problem, parameter, header = load_network(method.checkpoint)
+        cfg = OmegaConf.create(
+            {**OmegaConf.to_container(cfg), "simulator": header["simulator"]}
+        )
+        length = length or header["n_times"]
+    else:  # the interval is set once the file is read
         problem, parameter = build_problem(cfg.simulator, cfg.problem, 1)
     grid = problem.simulator.model.grid
     dtype = jnp.zeros(()).dtype
