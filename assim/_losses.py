@@ -180,13 +180,8 @@ def refine_analysis(
     enough CG iterations is the minimum."""
     net = held(net)
     problem = net.model_problem(held(problem))
-    start = problem.control(Analysis(jax.lax.stop_gradient(x), None, None), background)
-    start = eqx.tree_at(
-        lambda c: c.w,
-        start,
-        problem.initial_control(window, background).w,
-        is_leaf=_is_none,
-    )
+    w = problem.initial_control(window, background).w  # zero forcings (weak)
+    start = problem.control(Analysis(jax.lax.stop_gradient(x), None, w), background)
     # Tolerances below reach: the iterations run to `steps` (or a fixed point);
     # optimistix's first Gauss-Newton step only linearises.
     solver = Variational(
