@@ -5,33 +5,40 @@
   `LinearInterpolation`).
 - The window problem: `WindowProblem` (simulator, `B`, optional `Q`, parameter
   prior, extra cost terms) with its controls (`Control`, `Analysis`), covariances
-  (`DiagonalCovariance`, `DiffusionCovariance`, `SpectralCovariance`), the
-  bounded-log `Parameter`, cost terms (`StateBounds`).
+  (`DiagonalCovariance`, `DiffusionCovariance`, `SpectralCovariance`, a model's
+  `Climatology`), the bounded-log `Parameter`, cost terms (`StateBounds`).
 - Analysers, `analyser(problem, window, background) -> (analysis, info)`:
   `Variational` (3D-Var, strong- / weak-constraint 4D-Var, joint parameter
-  estimation; `incremental` Gauss-Newton or any optimistix solver), `UnrolledVar`
+  estimation; `incremental` Gauss-Newton or any optimistix solver), `NoUpdate`
+  (the background: climatology, free run), `UnrolledVar`
   (unrolled variational networks), `BilevelVar` (4D-Var with implicit
   hypergradients).
-- Running them: `cycle` (cycled windows) and `assimilate` (independent windows,
-  batched over devices), `Scores`, `AnalysisWriter` (NetCDF).
+- Running them: `cycle` (cycled windows, sliding windows, error scales adapted
+  from innovations by `InnovationAdaptation`) and `assimilate` (independent
+  windows, batched over devices), `Scores`, `AnalysisWriter` (NetCDF).
 - Learning: losses (`Supervised`, `Masking`, `Residual`, `Cost`, `Evidence`,
   summed by `WeightedLoss`), `train` with `TrainSettings`, checkpoints.
 - Scale: `batch_mesh`, `map_windows`, `initialize_distributed`.
 """
 
+from ._adaptive import AdaptationState as AdaptationState
+from ._adaptive import InnovationAdaptation as InnovationAdaptation
 from ._analyser import OUTCOMES as OUTCOMES
 from ._analyser import AbstractAnalyser as AbstractAnalyser
 from ._analyser import Info as Info
+from ._analyser import NoUpdate as NoUpdate
 from ._batch import Batch as Batch
 from ._batch import obs_mean_background as obs_mean_background
 from ._batch import windows_batch as windows_batch
 from ._bilevel import BilevelVar as BilevelVar
 from ._bilevel import ReverseImplicitAdjoint as ReverseImplicitAdjoint
 from ._covariance import AbstractCovariance as AbstractCovariance
+from ._covariance import Climatology as Climatology
 from ._covariance import DiagonalCovariance as DiagonalCovariance
 from ._covariance import DiffusionCovariance as DiffusionCovariance
 from ._covariance import ScaledCovariance as ScaledCovariance
 from ._covariance import SpectralCovariance as SpectralCovariance
+from ._covariance import climatological_covariance as climatological_covariance
 from ._cycle import WindowResult as WindowResult
 from ._cycle import analyse_window as analyse_window
 from ._cycle import assimilate as assimilate
@@ -91,6 +98,7 @@ from ._train import save_checkpoint as save_checkpoint
 from ._train import train as train
 from ._unrolled import AbstractWindowNet as AbstractWindowNet
 from ._unrolled import UnrolledVar as UnrolledVar
+from ._variational import IncrementalGaussNewton as IncrementalGaussNewton
 from ._variational import Variational as Variational
 from ._variational import incremental as incremental
 from ._writer import AnalysisWriter as AnalysisWriter

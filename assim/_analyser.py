@@ -82,3 +82,14 @@ class AbstractAnalyser(eqx.Module):
 def fixed_steps_info(steps: int) -> Info:
     """The `Info` of an analyser that runs a fixed number of steps."""
     return Info(jnp.asarray(steps), jnp.asarray(FIXED_STEPS))
+
+
+class NoUpdate(AbstractAnalyser):
+    """The background as the analysis: no observation is used. Every window from a
+    climatological mean (`assim.Climatology`, independent windows) is the
+    climatology baseline; cycled, it is a free run of the model (the forecast
+    without assimilation)."""
+
+    def __call__(self, problem, window, background):
+        control = problem.initial_control(window, background)
+        return problem.analysis(control, background), fixed_steps_info(0)

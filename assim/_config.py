@@ -95,12 +95,22 @@ def build_problem(
 ) -> tuple[WindowProblem, Parameter | None]:
     """The window problem from the `simulator` and `problem` configs, with `interval`
     model steps between observation times; the unknown parameter is estimated when
-    `problem.estimate_parameters` (and the simulator has one)."""
+    `problem.estimate_parameters` (and the simulator has one). `B` is
+    `problem.background_covariance`, or when that is null the simulator's own
+    (`simulator.background_covariance`: a climatology for translation-invariant
+    models); covariance configs are partials called with the simulator."""
     simulator, parameter = build_simulator(sim_cfg)
-    grid = simulator.model.grid
-    B = instantiate_trusted(problem_cfg.background_covariance)(grid=grid)
+    B = problem_cfg.get("background_covariance")
+    if B is None:
+        B = sim_cfg.get("background_covariance")
+    if B is None:
+        raise ValueError(
+            "no background covariance: set problem.background_covariance or the "
+            "simulator's background_covariance"
+        )
+    B = instantiate_trusted(B)(simulator)
     Q = problem_cfg.get("model_error_covariance")
-    Q = None if Q is None else instantiate_trusted(Q)(grid=grid)
+    Q = None if Q is None else instantiate_trusted(Q)(simulator)
     terms = [instantiate_trusted(t) for t in problem_cfg.get("terms") or ()]
     if not problem_cfg.get("estimate_parameters", True):
         parameter = None

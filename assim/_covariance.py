@@ -1,4 +1,5 @@
-"""Background-error covariances, applied through their square roots (no dense B)."""
+"""Background-error covariances, applied through their square roots (no dense B),
+and the climatology of a model (its mean and covariance from a free run)."""
 
 import abc
 
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from simulators import Grid, is_concrete
+from simulators import Grid, Simulator, is_concrete
 
 
 class AbstractCovariance(eqx.Module):
@@ -82,10 +83,16 @@ class DiffusionCovariance(AbstractCovariance):
 
     @classmethod
     def relative(
-        cls, grid: Grid, std: float, length_fraction: float, order: int = 2
+        cls,
+        where: Grid | Simulator,
+        std: float,
+        length_fraction: float,
+        order: int = 2,
     ) -> "DiffusionCovariance":
         """The covariance with correlation length `length_fraction` times the
-        domain's shortest side (a setting that fits any grid, as configs use)."""
+        domain's shortest side (a setting that fits any grid, as configs use), on
+        the grid `where` or of the simulator `where`."""
+        grid = where.model.grid if isinstance(where, Simulator) else where
         return cls(grid, std, length_fraction * min(grid.length), order)
 
     def __check_init__(self):
@@ -227,3 +234,94 @@ class ScaledCovariance(AbstractCovariance):
 
     def whiten(self, x):
         return self.covariance.whiten(x) / self.scale
+
+
+class Climatology(eqx.Module):
+    """A model's climate: the mean and the (homogeneous) covariance of the states of
+    a long free run, the statistics that optimal interpolation and the
+    climatology baseline use, and the shape of the static `B` of 3D-Var and
+    4D-Var (scaled to the forecast errors, e.g. by `InnovationAdaptation` while
+    cycling).
+
+    **Arguments:**
+
+    - `mean`: the climatological mean state.
+    - `covariance`: the climatological covariance (`SpectralCovariance`).
+    """
+
+    mean: Float[Array, "..."]
+    covariance: SpectralCovariance
+
+    @classmethod
+    def from_run(
+        cls,
+        simulator: Simulator,
+        *,
+        samples: int = 2000,
+        interval_steps: int = 10,
+        spinup_steps: int = 2000,
+        seed: int = 0,
+    ) -> "Climatology":
+        """The climate of `simulator` (a translation-invariant model on a periodic
+        grid: Lorenz-96, Kuramoto-Sivashinsky, periodic turbulence) from one free
+        run started from zero-mean white noise: `spinup_steps` steps discarded,
+        then `samples` states `interval_steps` steps apart. The mean is the
+        average over time and space (homogeneous); the covariance is
+        `SpectralCovariance.from_samples` of the states."""
+        grid = simulator.model.grid
+        if grid.boundary != "periodic":
+            raise ValueError(
+                "a climatological covariance needs a translation-invariant model on "
+                f"a periodic grid; this grid is {grid.boundary!r}: use "
+                "assim.DiffusionCovariance.relative"
+            )
+        if samples < 2 or interval_steps < 1 or spinup_steps < 0:
+            raise ValueError(
+                "climatology needs samples >= 2, interval_steps >= 1 and "
+                f"spinup_steps >= 0, got {samples}, {interval_steps}, {spinup_steps}"
+            )
+        rng = np.random.default_rng(seed)
+        u0 = rng.normal(size=grid.shape)
+        u0 = jnp.asarray(u0 - u0.mean(), jnp.zeros(()).dtype)
+        states = _free_run(simulator, u0, spinup_steps, samples, interval_steps)
+        states = np.asarray(states, np.float64)
+        if not np.all(np.isfinite(states)):
+            raise ValueError("climatology: the free run became non-finite")
+        mean = np.full(grid.shape, states.mean())
+        return cls(
+            jnp.asarray(mean, u0.dtype), SpectralCovariance.from_samples(grid, states)
+        )
+
+    def scaled_covariance(self, scale: float = 1.0) -> SpectralCovariance:
+        """`scale` times the climatological covariance."""
+        return SpectralCovariance(
+            self.covariance.grid, scale * self.covariance.spectrum
+        )
+
+
+@eqx.filter_jit
+def _free_run(simulator, u0, spinup_steps: int, samples: int, interval_steps: int):
+    u = simulator.rollout(u0, spinup_steps)[-1] if spinup_steps else u0
+    return simulator.rollout(u, (samples - 1) * interval_steps, every=interval_steps)
+
+
+def climatological_covariance(
+    simulator: Simulator,
+    *,
+    scale: float = 1.0,
+    samples: int = 2000,
+    interval_steps: int = 10,
+    spinup_steps: int = 2000,
+    seed: int = 0,
+) -> SpectralCovariance:
+    """`scale` times the climatological covariance of `simulator`
+    (`Climatology.from_run` with these settings): the static `B` that configs
+    name for translation-invariant models."""
+    climate = Climatology.from_run(
+        simulator,
+        samples=samples,
+        interval_steps=interval_steps,
+        spinup_steps=spinup_steps,
+        seed=seed,
+    )
+    return climate.scaled_covariance(scale)

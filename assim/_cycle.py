@@ -11,8 +11,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array
+from jaxtyping import Array, PRNGKeyArray
 
+from ._adaptive import AdaptationState, InnovationAdaptation
 from ._analyser import AbstractAnalyser, outcome_name
 from ._batch import Batch
 from ._metrics import innovation_statistics, rmse
@@ -63,11 +64,21 @@ def analyse_window(
     problem: WindowProblem,
     window: ObservationSet,
     background: Array,
+    adaptation: InnovationAdaptation | None = None,
+    state: AdaptationState | None = None,
+    shift: int | None = None,
 ) -> dict:
     """One window's analysis and everything reported of it (arrays: jit- and
     vmap-able): the analysis, the analyser's `Info`, the trajectories from the
     background and from the analysis, the problem's cost and gradient norm at both,
-    and the forecast that starts the next window."""
+    and the next window's background (the analysis `shift` observation times
+    after the window's start, default the time after its last). With
+    `adaptation`, the error scales are updated from the window's innovations
+    before its analysis (`state`: the adaptation's so far; the new one is
+    returned as `"adaptation"`)."""
+    base_window = window
+    if adaptation is not None:
+        problem, window, state = adaptation.prepare(problem, window, background, state)
     analysis, info = analyser(problem, window, background)
     model = analyser.model_problem(problem)
     n = window.n_times
@@ -84,6 +95,8 @@ def analyse_window(
         )
         cost = jnp.stack([at_start[0], at_end[0]])
         grad_norm = jnp.stack([at_start[1], at_end[1]])
+    if adaptation is not None:
+        state = adaptation.observe(base_window, first, trajectory, state)
     return {
         "analysis": analysis,
         "info": info,
@@ -91,11 +104,14 @@ def analyse_window(
         "trajectory": trajectory,
         "cost": cost,
         "grad_norm": grad_norm,
-        "forecast": model.forecast(analysis, trajectory),
+        "forecast": model.forecast(analysis, trajectory, shift),
+        "adaptation": state,
     }
 
 
-def _result(window: ObservationSet, out: dict) -> WindowResult:
+def _result(window: ObservationSet, out: dict, new: int | None = None) -> WindowResult:
+    """The host-side result; `new`: only the window's last `new` times are
+    reported (a sliding window's times not reported by an earlier window)."""
     out = jax.tree.map(np.asarray, out)
     info = out["info"]
     steps = int(info.steps)
@@ -103,7 +119,13 @@ def _result(window: ObservationSet, out: dict) -> WindowResult:
     history = (cost, grad_norm)
     if info.cost is not None:
         history = (info.cost[: steps + 1], info.grad_norm[: steps + 1])
+    window = jax.tree.map(np.asarray, window)
+    assimilated = int(window.mask.sum())
     first, trajectory = out["first"], out["trajectory"]
+    if new is not None and new < window.n_times:
+        keep = slice(window.n_times - new, None)
+        first, trajectory = first[keep], trajectory[keep]
+        window = _times(window, keep)
     diagnostics = innovation_statistics(
         observations=window.values,
         forecast=window.operator(first),
@@ -111,6 +133,17 @@ def _result(window: ObservationSet, out: dict) -> WindowResult:
         mask=window.mask,
     )
     diagnostics = {f"innovation_{key}": v for key, v in diagnostics.items()}
+    # 2 J(x_a) / p: the chi-square of the innovations against HBH^T + R, which is
+    # 1 on average when B and R are right (Talagrand, ECMWF 1999).
+    diagnostics["chi2_normalised_analysis"] = 2 * float(cost[1]) / max(assimilated, 1)
+    state = out["adaptation"]
+    if state is not None:
+        diagnostics["background_error_scale"] = float(
+            np.sqrt(state.background_variance)
+        )
+        diagnostics["observation_error_scale"] = float(
+            np.sqrt(state.observation_variance)
+        )
     if window.truth is not None:
         diagnostics["rmse_truth_analysis"] = rmse(
             estimate=trajectory, reference=window.truth
@@ -130,8 +163,31 @@ def _result(window: ObservationSet, out: dict) -> WindowResult:
         cost_history=history[0],
         grad_norm_history=history[1],
         diagnostics=diagnostics,
-        window=jax.tree.map(np.asarray, window),
+        window=window,
     )
+
+
+def _times(window: ObservationSet, keep: slice) -> ObservationSet:
+    """The window at the times `keep` (every per-time field sliced)."""
+    fields = ("values", "mask", "error_std", "times", "truth", "withheld")
+    return dataclasses.replace(
+        window,
+        **{
+            name: getattr(window, name)[keep]
+            for name in fields
+            if getattr(window, name) is not None
+        },
+    )
+
+
+def _newest(window: ObservationSet, new: int) -> ObservationSet:
+    """The window with only its last `new` times' observations assimilated (the
+    earlier ones were assimilated by an earlier, overlapping window: each
+    observation is used once); withheld ones stay for scoring."""
+    recent = jnp.arange(window.n_times) >= window.n_times - new
+    recent = recent.reshape((-1,) + (1,) * (window.mask.ndim - 1))
+    withheld = None if window.withheld is None else window.withheld & recent
+    return dataclasses.replace(window, mask=window.mask & recent, withheld=withheld)
 
 
 def cycle(
@@ -141,6 +197,9 @@ def cycle(
     background: Array,
     *,
     cycle_parameters: bool = True,
+    shift: int | None = None,
+    adaptation: InnovationAdaptation | None = None,
+    key: PRNGKeyArray | None = None,
 ) -> Iterator[WindowResult]:
     """Assimilate consecutive windows, each background the previous forecast; yield
     each window's result when it is done (windows are read as they are needed, so
@@ -159,19 +218,44 @@ def cycle(
     - `analyser`: any `AbstractAnalyser` (`Variational`, a trained `UnrolledVar` or
       `BilevelVar`, ...).
     - `problem`: the window problem.
-    - `windows`: `ObservationSet`s of consecutive, non-overlapping windows, one
-      observation interval apart (e.g. from `iter_windows`).
+    - `windows`: `ObservationSet`s of consecutive windows: non-overlapping, one
+      observation interval apart (e.g. from `iter_windows`), or with `shift`
+      overlapping windows that start `shift` observation times apart.
     - `background`: the first window's background state.
+    - `shift`: sliding windows (4D-Var as in the literature, e.g. DAPPER's `Var4D`
+      and the iterative ensemble Kalman smoother): each window's background is
+      the previous analysis `shift` observation times after its start, and only
+      the observations not in the previous window (its last `shift` times) are
+      assimilated; the first window assimilates all of its own. Results report
+      the times no earlier window reported: the first window's, then each
+      window's last `shift` (the filtering analysis at the newest times).
+    - `adaptation`: estimate the background- (and observation-) error scales from
+      the innovations while cycling (`InnovationAdaptation`); `key` seeds its
+      probes.
 
     **Yields:** one `WindowResult` per window.
     """
+    if shift is not None and shift < 1:
+        raise ValueError(f"shift must be at least 1, got {shift}")
     analyse = eqx.filter_jit(analyse_window)
+    state = None if adaptation is None else adaptation.init(key=key)
+    # A strongly typed copy: a weakly typed first background (`jnp.full(shape,
+    # 0.5)`) would compile the window a second time for the forecasts.
+    background = jnp.asarray(np.asarray(background))
     done = 0
     for window in windows:
-        out = analyse(analyser, problem, window, background)
-        yield _result(window, out)
+        new = None
+        if shift is not None and done:
+            if shift > window.n_times:
+                raise ValueError(
+                    f"shift {shift} is longer than the window ({window.n_times} times)"
+                )
+            new = shift
+            window = _newest(window, shift)
+        out = analyse(analyser, problem, window, background, adaptation, state, shift)
+        yield _result(window, out, new)
         done += 1
-        background = out["forecast"]
+        background, state = out["forecast"], out["adaptation"]
         theta = out["analysis"].theta
         if cycle_parameters and problem.estimates_parameters and theta is not None:
             problem = eqx.tree_at(lambda p: p.parameter_background, problem, theta)

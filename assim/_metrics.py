@@ -138,10 +138,16 @@ class Scores:
     - `snapshot_times`: positions in the run's sequence of analysed times whose
       states are kept (`snapshots`: the analysis, the observations and the truth
       there).
+    - `burn_in`: the run's first `burn_in` analysed times are left out of the
+      scores (the spin-up of a cycled run from a poor first background); the
+      series per time and the snapshots keep them.
     """
 
-    def __init__(self, grid, snapshot_times=()):
+    def __init__(self, grid, snapshot_times=(), burn_in: int = 0):
+        if burn_in < 0:
+            raise ValueError(f"burn_in must be non-negative, got {burn_in}")
         self.grid = grid
+        self.burn_in = int(burn_in)
         self.rms = defaultdict(RootMeanSquare)
         self.spectra = None
         self.truth = True
@@ -165,10 +171,15 @@ class Scores:
             if window.withheld is None
             else np.asarray(window.withheld, bool)
         )
-        self.rms["obs_assimilated"].add(predicted - values, used)
-        self.rms["background_obs_assimilated"].add(predicted_b - values, used)
-        self.rms["obs_heldout"].add(predicted - values, held)
-        self.rms["background_obs_heldout"].add(predicted_b - values, held)
+        # Times of the burn-in: kept in the series, out of the scores.
+        scored = self.times + np.arange(len(result.times)) >= self.burn_in
+        scored_obs = scored.reshape((-1,) + (1,) * (used.ndim - 1))
+        scored_state = scored.reshape((-1,) + (1,) * (analysis.ndim - 1))
+        used_scored, held_scored = used & scored_obs, held & scored_obs
+        self.rms["obs_assimilated"].add(predicted - values, used_scored)
+        self.rms["background_obs_assimilated"].add(predicted_b - values, used_scored)
+        self.rms["obs_heldout"].add(predicted - values, held_scored)
+        self.rms["background_obs_heldout"].add(predicted_b - values, held_scored)
         for k in range(len(result.times)):
             if self.times + k in self.snapshot_times:
                 self.snapshots[self.times + k] = self._snapshot(result, k)
@@ -185,13 +196,13 @@ class Scores:
             )
             return
         truth = np.asarray(window.truth, np.float64)
-        self.rms["truth"].add(analysis - truth)
-        self.rms["background_truth"].add(background - truth)
-        self.rms["truth_norm"].add(truth)
+        self.rms["truth"].add(analysis - truth, scored_state)
+        self.rms["background_truth"].add(background - truth, scored_state)
+        self.rms["truth_norm"].add(truth, scored_state)
         for key, state in (("analysis", analysis), ("background", background)):
             self.series[key].extend(np.sqrt(np.mean((state - truth) ** 2, per_time)))
-        if self.grid.ndim == 2:
-            spectra = error_spectra(estimate=analysis, truth=truth)
+        if self.grid.ndim == 2 and scored.any():
+            spectra = error_spectra(estimate=analysis[scored], truth=truth[scored])
             self.spectra = (
                 spectra
                 if self.spectra is None

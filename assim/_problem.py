@@ -358,13 +358,21 @@ class WindowProblem(eqx.Module):
         _, states = jax.lax.scan(interval_step, x0, self.forcings(w))
         return jnp.concatenate([x0[None], states])
 
-    def forecast(self, analysis: Analysis, trajectory: Array) -> Array:
-        """The next window's background: the analysis at the window's last
-        observation time advanced one observation interval by the model with the
-        estimated parameters (no model-error forcing: it is unknown beyond the
-        window)."""
+    def forecast(
+        self, analysis: Analysis, trajectory: Array, shift: int | None = None
+    ) -> Array:
+        """The next window's background: the analysis `shift` observation times
+        after the window's start (default: the time after its last). Inside the
+        window it is the analysis trajectory; beyond it, the last state advanced
+        by the model with the estimated parameters (no model-error forcing: it
+        is unknown beyond the window)."""
+        n = trajectory.shape[0]
+        shift = n if shift is None else shift
+        if shift < n:
+            return trajectory[shift]
         simulator = self.model(analysis.theta)
-        return simulator.rollout(trajectory[-1], self.observation_interval)[-1]
+        steps = (shift - n + 1) * self.observation_interval
+        return simulator.rollout(trajectory[-1], steps)[-1]
 
     # --- controls ---------------------------------------------------------------
 

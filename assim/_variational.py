@@ -29,27 +29,50 @@ class TruncatedCG(DelegatingLinearSolver):
         return value, lx.RESULTS.where(truncated, lx.RESULTS.successful, result), stats
 
 
+class IncrementalGaussNewton(optx.AbstractGaussNewton):
+    """Gauss-Newton whose steps are checked by a backtracking Armijo line search
+    (optimistix's `BacktrackingArmijo` on `|r|^2 / 2`): a step that does not
+    decrease the cost enough, or whose rollout blows up (a non-finite cost), is
+    halved instead of accepted, so that a strongly nonlinear window (a chaotic
+    model, a first background far from the truth) cannot end the run. Full
+    steps are taken whenever they decrease the cost, as in operational
+    incremental 4D-Var. Build it with `incremental`."""
+
+    rtol: float
+    atol: float
+    norm: Callable
+    descent: optx.NewtonDescent
+    search: optx.BacktrackingArmijo
+    verbose: Callable
+
+    def __init__(self, rtol, atol, linear_solver, *, norm=optx.max_norm):
+        self.rtol = rtol
+        self.atol = atol
+        self.norm = norm
+        self.descent = optx.NewtonDescent(linear_solver=linear_solver)
+        self.search = optx.BacktrackingArmijo(decrease_factor=0.5, slope=0.1)
+        self.verbose = lambda **_: None
+
+
 def incremental(
     *,
     rtol: float = 1e-6,
     atol: float = 1e-6,
     inner_steps: int = 20,
     inner_rtol: float = 1e-3,
-) -> optx.GaussNewton:
-    """Incremental 4D-Var's solver: `optx.GaussNewton` on the residuals, each outer
+) -> IncrementalGaussNewton:
+    """Incremental 4D-Var's solver: Gauss-Newton on the residuals, each outer
     iteration solving the linearised (tangent-linear) problem
     `(I + S^T M'^T H^T R^-1 H M' S) dv = -grad` with lineax CG on the normal
     equations (`lx.Normal(TruncatedCG)`, matrix-free: one tangent-linear and one
     adjoint run per CG iteration), truncated after `inner_steps` iterations. The
     control-variable transform (`S = B^{1/2}`) is the preconditioner: the Hessian
-    is the identity plus a low-rank observation term. Full Gauss-Newton steps, as in
-    operational incremental 4D-Var (no line search): keep estimated parameters in a
-    bounded transform (`Parameter`) so that an early step cannot leave the model's
-    valid range."""
+    is the identity plus a low-rank observation term. A step that does not
+    decrease the cost (or blows the model up) is halved
+    (`IncrementalGaussNewton`); keep estimated parameters in a bounded transform
+    (`Parameter`) so that a step cannot leave the model's valid range."""
     inner = lx.CG(rtol=inner_rtol, atol=0.0, max_steps=inner_steps)
-    return optx.GaussNewton(
-        rtol=rtol, atol=atol, linear_solver=lx.Normal(TruncatedCG(inner))
-    )
+    return IncrementalGaussNewton(rtol, atol, lx.Normal(TruncatedCG(inner)))
 
 
 def _least_squares(solver) -> bool:
@@ -122,12 +145,13 @@ class Variational(AbstractAnalyser):
                 "binomially checkpointed rollouts do not have: use an L-BFGS solver "
                 "(method=var4d_lbfgs) or simulator checkpoints=None"
             )
+        # A line search backs off from a trial step whose rollout blows up (cost
+        # or residuals non-finite) instead of stopping the run; the iterates it
+        # accepts are finite.
+        problem = problem.tolerating_blow_up()
         if least_squares:
             fn = lambda y, args: (problem.residuals(y, *args), None)  # noqa: E731
         else:
-            # A line search backs off from a trial step whose rollout blows up (cost
-            # inf) instead of stopping the run; the iterates it accepts are finite.
-            problem = problem.tolerating_blow_up()
             fn = lambda y, args: (problem.cost(y, *args), None)  # noqa: E731
         args = (window, background)
         y0 = problem.initial_control(window, background) if start is None else start
@@ -140,13 +164,18 @@ class Variational(AbstractAnalyser):
         nan = jnp.full(self.max_steps + 1, jnp.nan, value.dtype)
         costs, gnorms = nan.at[0].set(value), nan.at[0].set(gnorm)
         result = optx.RESULTS.successful
+        # optimistix's first step only evaluates the start (the iterate it returns
+        # is `y0`): after solver step `k` the iterate is the one after `k - 1`
+        # updates, so the loop takes `max_steps + 1` solver steps for `max_steps`
+        # updates, and records iterate `k - 1`.
 
         def cond(carry):
-            steps, _, _, done, _, costs, _ = carry
-            return (~done) & (steps < self.max_steps) & jnp.isfinite(costs[steps])
+            k, _, _, done, _, costs, _ = carry
+            last = costs[jnp.maximum(k - 1, 0)]
+            return (~done) & (k <= self.max_steps) & jnp.isfinite(last)
 
         def body(carry):
-            steps, y, state, _, _, costs, gnorms = carry
+            k, y, state, _, _, costs, gnorms = carry
             state = eqx.combine(state, static_state)
             y, state, _ = self.solver.step(fn, y, args, {}, state, frozenset())
             done, result = self.solver.terminate(fn, y, args, {}, state, frozenset())
@@ -159,15 +188,20 @@ class Variational(AbstractAnalyser):
                 )
             else:  # least-squares states hold residuals and a Jacobian operator
                 value, gnorm = problem.value_and_grad_norm(y, *args)
-            steps = steps + 1
+            steps = k  # updates made so far: iterate `k` after solver step `k + 1`
             if self.progress is not None:
-                jax.debug.callback(self.progress, steps, value)
+                jax.lax.cond(
+                    k > 0,
+                    lambda: jax.debug.callback(self.progress, steps, value),
+                    lambda: None,
+                )
             costs, gnorms = costs.at[steps].set(value), gnorms.at[steps].set(gnorm)
             state = eqx.filter(state, eqx.is_array)
-            return steps, y, state, done, result, costs, gnorms
+            return k + 1, y, state, done, result, costs, gnorms
 
         carry = (jnp.asarray(0), y0, state, jnp.asarray(False), result, costs, gnorms)
-        steps, y, _, done, result, costs, gnorms = jax.lax.while_loop(cond, body, carry)
+        k, y, _, done, result, costs, gnorms = jax.lax.while_loop(cond, body, carry)
+        steps = jnp.maximum(k - 1, 0)
         outcome = jnp.where(
             ~jnp.isfinite(costs[steps]),
             NON_FINITE,

@@ -144,7 +144,9 @@ class Simulator(eqx.Module):
             states = eqx.error_if(
                 states,
                 ~jnp.all(jnp.isfinite(final)),
-                "rollout became non-finite (unstable time step or scheme?)",
+                "rollout became non-finite: the model blew up from this initial "
+                "state or parameter (a background or trial step far outside the "
+                "model's range), or the time step is too long for the scheme",
             )
         trajectory = jnp.concatenate([u0[None], states])
         return (trajectory, info) if with_info else trajectory

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from assim import (
     AnalysisWriter,
+    Climatology,
     Scores,
     WindowStream,
     archive_files,
@@ -84,27 +85,35 @@ def _assimilate(cfg: DictConfig) -> dict:
             f"was trained with {problem.observation_interval}"
         )
     length = int(length or ds.attrs.get("window_length", 10))
-    count = len(window_starts(ds, length))
+    shift = method.get("shift")
+    shift = None if shift is None else int(shift)
+    count = len(window_starts(ds, length, shift))
     if cfg.data.max_windows is not None:
         count = min(count, int(cfg.data.max_windows))
     heldout = _heldout_points(ds, grid, float(cfg.data.heldout_fraction), cfg.seed)
-    background = jnp.full(grid.shape, _first_level(ds, length, method), dtype)
-    stream = WindowStream(ds, length, windows=range(count), prefetch=2, dtype=dtype)
+    background = _first_background(ds, length, method, problem).astype(dtype)
+    stream = WindowStream(
+        ds, length, stride=shift, windows=range(count), prefetch=2, dtype=dtype
+    )
     windows = (w.withhold(heldout) for w in stream)
     windows = (w for w in windows if bool(w.mask.any()))
 
     bar = None
-    if net is None:
-        progress = None
-        if cfg.progress:
-            from tqdm import tqdm
+    if net is not None:
+        analyser = net
+    elif cfg.progress and "max_steps" in method.analyser:  # an iterative solver
+        from tqdm import tqdm
 
-            total = count * int(method.analyser.max_steps)
-            bar = tqdm(total=total, desc=method.name, unit="it")
-            progress = lambda step, cost: bar.update(1)  # noqa: E731
+        total = count * int(method.analyser.max_steps)
+        # disable=None: no bar when the output is not a terminal (a log file)
+        bar = tqdm(total=total, desc=method.name, unit="it", disable=None)
+        progress = lambda step, cost: bar.update(1)  # noqa: E731
         analyser = instantiate_trusted(method.analyser, progress=progress)
     else:
-        analyser = net
+        analyser = instantiate_trusted(method.analyser)
+    adaptation = method.get("adaptation")
+    if adaptation is not None:
+        adaptation = instantiate_trusted(adaptation)
     if method.get("cycle", True):
         results = cycle(
             analyser,
@@ -112,6 +121,9 @@ def _assimilate(cfg: DictConfig) -> dict:
             windows,
             background,
             cycle_parameters=bool(method.get("cycle_parameters", True)),
+            shift=shift,
+            adaptation=adaptation,
+            key=jax.random.PRNGKey(int(cfg.seed)),
         )
     else:  # independent windows, `batch_windows` at a time over every device
         results = assimilate(
@@ -121,10 +133,11 @@ def _assimilate(cfg: DictConfig) -> dict:
             background,
             batch_size=int(method.get("batch_windows", 16)),
         )
+    # The analysed times: every window's, or with sliding windows the first
+    # window's and each later window's newest `shift`.
+    times = length + (count - 1) * shift if shift else count * length
     try:
-        return _finish(
-            cfg, ds, path, out, t_start, grid, parameter, results, count, length
-        )
+        return _finish(cfg, ds, path, out, t_start, grid, parameter, results, times)
     finally:
         if bar is not None:
             bar.close()
@@ -144,20 +157,24 @@ def _heldout_points(ds, grid, fraction: float, seed) -> np.ndarray:
     return heldout
 
 
-def _first_level(ds, length: int, method) -> float:
-    """The first background's constant level: no truth is used, only the first
-    window's observations (their mean) or 0."""
+def _first_background(ds, length: int, method, problem):
+    """The first background (no truth is used): the first window's observations'
+    mean, 0, or the model's climatological mean (`assim.Climatology`)."""
+    grid = problem.simulator.model.grid
     if method.initial_background == "obs_mean":
-        return float(np.nanmean(ds["obs"].isel(time=slice(0, length)).values))
+        level = float(np.nanmean(ds["obs"].isel(time=slice(0, length)).values))
+        return jnp.full(grid.shape, level)
     if method.initial_background == "zero":
-        return 0.0
+        return jnp.zeros(grid.shape)
+    if method.initial_background == "climatology":
+        return Climatology.from_run(problem.simulator).mean
     raise ValueError(
-        f"initial_background must be 'obs_mean' or 'zero', got "
+        f"initial_background must be 'obs_mean', 'zero' or 'climatology', got "
         f"{method.initial_background!r}"
     )
 
 
-def _finish(cfg, ds, path, out, t_start, grid, parameter, results, count, length):
+def _finish(cfg, ds, path, out, t_start, grid, parameter, results, times):
     """Write each window's result to `analysis.nc` as it comes and score it; then
     `metrics.json` and the plots."""
     method = cfg.method
@@ -170,8 +187,8 @@ def _finish(cfg, ds, path, out, t_start, grid, parameter, results, count, length
         "observations": str(path),
         "history": "created by assim-run",
     }
-    times = count * length  # the analysed times (fewer if windows were skipped)
-    scores = Scores(grid, snapshot_times={0, times // 2, times - 1})
+    burn_in = int(cfg.scoring.burn_in)
+    scores = Scores(grid, snapshot_times={0, times // 2, times - 1}, burn_in=burn_in)
     writer = AnalysisWriter(
         out / "analysis.nc",
         grid=grid,
@@ -195,7 +212,9 @@ def _finish(cfg, ds, path, out, t_start, grid, parameter, results, count, length
             "windows_converged": int(sum(r.converged for r in summaries)),
             "wall_time_s": wall,
             "wall_time_per_window_s": wall / len(summaries),
+            "scored_from_time_index": burn_in,
             **scores.metrics(),
+            **_consistency(summaries, cfg.scoring),
         }
         parameters, estimated = {}, None
         if parameter is not None and last.theta is not None:
@@ -216,6 +235,33 @@ def _finish(cfg, ds, path, out, t_start, grid, parameter, results, count, length
         _plot(ds, out, grid, scores, parameter, estimated)
     log.info("wrote %s", out)
     return metrics
+
+
+def _consistency(summaries, scoring) -> dict:
+    """The run's error statistics: the mean normalised chi-square of the analyses
+    (`2 J(x_a) / p`, 1 when B and R match the errors), the last adapted error
+    scales, and a warning when the chi-square leaves `scoring.chi2_band` (B or R
+    misspecified: the analysis is then far from optimal)."""
+    chi2 = np.array([r.diagnostics["chi2_normalised_analysis"] for r in summaries])
+    found = {"chi2_normalised_analysis": float(np.nanmean(chi2))}
+    last = summaries[-1].diagnostics
+    for key in ("background_error_scale", "observation_error_scale"):
+        if key in last:
+            found[key] = last[key]
+    low, high = (float(v) for v in scoring.chi2_band)
+    warnings = []
+    if not low <= found["chi2_normalised_analysis"] <= high:
+        warnings.append(
+            f"normalised chi-square of the analyses "
+            f"{found['chi2_normalised_analysis']:.3g} is outside [{low:g}, {high:g}]:"
+            " the background- or observation-error covariance does not fit the "
+            "data (adapt them: method.adaptation, or set "
+            "simulator.background_covariance)"
+        )
+    for warning in warnings:
+        log.warning(warning)
+    found["warnings"] = warnings
+    return found
 
 
 def _parameter_entry(ds, parameter, estimated) -> dict:
