@@ -205,10 +205,13 @@ class SpectralCovariance(AbstractCovariance):
         return self.sqrt(x)  # symmetric: a real, even filter
 
     def whiten(self, x):
-        """`S^+ x`: modes of zero variance (e.g. the mean of anomalies) are outside
-        B's range and are dropped (the pseudo-inverse)."""
+        """`S^+ x`: modes of zero or negligible variance (the mean of anomalies,
+        the dissipation range of a climatology: below `1e-6` of the largest) are
+        outside B's range and are dropped (the pseudo-inverse with a relative
+        cutoff, so that round-off in those modes of an increment in B's range is
+        not amplified into the background term)."""
         axes = self._axes()
-        positive = self.spectrum > 0
+        positive = self.spectrum > 1e-6 * jnp.max(self.spectrum)
         inverse = jnp.where(
             positive, 1 / jnp.sqrt(jnp.where(positive, self.spectrum, 1)), 0
         )

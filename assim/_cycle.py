@@ -11,7 +11,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, PRNGKeyArray
+from jaxtyping import Array
 
 from ._adaptive import AdaptationState, InnovationAdaptation
 from ._analyser import AbstractAnalyser, outcome_name
@@ -73,12 +73,12 @@ def analyse_window(
     background and from the analysis, the problem's cost and gradient norm at both,
     and the next window's background (the analysis `shift` observation times
     after the window's start, default the time after its last). With
-    `adaptation`, the error scales are updated from the window's innovations
-    before its analysis (`state`: the adaptation's so far; the new one is
-    returned as `"adaptation"`)."""
+    `adaptation`, the window is analysed with the error scales of `state` (the
+    adaptation's so far), and the state updated by the window's statistics is
+    returned as `"adaptation"`."""
     base_window = window
     if adaptation is not None:
-        problem, window, state = adaptation.prepare(problem, window, background, state)
+        problem, window = adaptation.apply(problem, window, state)
     analysis, info = analyser(problem, window, background)
     model = analyser.model_problem(problem)
     n = window.n_times
@@ -96,7 +96,8 @@ def analyse_window(
         cost = jnp.stack([at_start[0], at_end[0]])
         grad_norm = jnp.stack([at_start[1], at_end[1]])
     if adaptation is not None:
-        state = adaptation.observe(base_window, first, trajectory, state)
+        terms = model.cost_terms(analysis, window, background)
+        state = adaptation.update(state, base_window, terms, first, trajectory)
     return {
         "analysis": analysis,
         "info": info,
@@ -199,7 +200,6 @@ def cycle(
     cycle_parameters: bool = True,
     shift: int | None = None,
     adaptation: InnovationAdaptation | None = None,
-    key: PRNGKeyArray | None = None,
 ) -> Iterator[WindowResult]:
     """Assimilate consecutive windows, each background the previous forecast; yield
     each window's result when it is done (windows are read as they are needed, so
@@ -229,16 +229,15 @@ def cycle(
       assimilated; the first window assimilates all of its own. Results report
       the times no earlier window reported: the first window's, then each
       window's last `shift` (the filtering analysis at the newest times).
-    - `adaptation`: estimate the background- (and observation-) error scales from
-      the innovations while cycling (`InnovationAdaptation`); `key` seeds its
-      probes.
+    - `adaptation`: estimate the background- (and observation-) error scales
+      while cycling (`InnovationAdaptation`).
 
     **Yields:** one `WindowResult` per window.
     """
     if shift is not None and shift < 1:
         raise ValueError(f"shift must be at least 1, got {shift}")
     analyse = eqx.filter_jit(analyse_window)
-    state = None if adaptation is None else adaptation.init(key=key)
+    state = None if adaptation is None else adaptation.init()
     # A strongly typed copy: a weakly typed first background (`jnp.full(shape,
     # 0.5)`) would compile the window a second time for the forecasts.
     background = jnp.asarray(np.asarray(background))

@@ -60,9 +60,10 @@ def test_innovation_statistics_by_hand():
     assert stats["count"] == 3
 
 
-def test_run_scores_accumulated_by_window_equal_whole_run_scores():
+@pytest.mark.parametrize("burn_in", [0, 3, 5])
+def test_run_scores_accumulated_by_window_equal_whole_run_scores(burn_in):
     """`assim-run` scores window by window (no run-long arrays): the same numbers
-    as the scores of the whole run at once."""
+    as the scores of the whole run at once, after its first `burn_in` times."""
     from types import SimpleNamespace
 
     import simulators as sim
@@ -76,7 +77,7 @@ def test_run_scores_accumulated_by_window_equal_whole_run_scores():
     values = truth + 0.1 * rng.normal(size=truth.shape)
     mask = rng.random(truth.shape) < 0.4
     heldout = rng.random((6, 10)) < 0.2
-    scores = Scores(grid, snapshot_times={0, 5})
+    scores = Scores(grid, snapshot_times={0, 5}, burn_in=burn_in)
     for k in range(0, 8, 4):  # two windows of 4 times
         part = slice(k, k + 4)
         window = ObservationSet(
@@ -96,6 +97,15 @@ def test_run_scores_accumulated_by_window_equal_whole_run_scores():
     found = scores.metrics()
     held = mask & heldout
     used = mask & ~held
+    whole_run = rmse(estimate=analysis, reference=truth)
+    s = slice(burn_in, None)  # the scored times
+    analysis, truth, background, values = (
+        analysis[s],
+        truth[s],
+        background[s],
+        values[s],
+    )
+    held, used = held[s], used[s]
     expected = {
         "rmse_obs_assimilated": rmse(estimate=analysis, reference=values, mask=used),
         "rmse_obs_heldout": rmse(estimate=analysis, reference=values, mask=held),
@@ -112,9 +122,15 @@ def test_run_scores_accumulated_by_window_equal_whole_run_scores():
     assert 2 * grid.spacing[-1] < expected["effective_resolution"] < 2.0
     for key, value in expected.items():
         np.testing.assert_allclose(found[key], value, rtol=1e-12, err_msg=key)
+    # Burn-in leaves times out of the scores only: not out of the run.
+    assert (found["rmse_truth"] == whole_run) == (burn_in == 0)
     assert scores.times == 8
     assert sorted(scores.snapshots) == [0, 5]
-    np.testing.assert_array_equal(scores.snapshots[5]["analysis"], analysis[5])
-    np.testing.assert_array_equal(scores.snapshots[5]["truth"], truth[5])
+    np.testing.assert_array_equal(
+        scores.snapshots[5]["analysis"], analysis[5 - burn_in]
+    )
+    np.testing.assert_array_equal(scores.snapshots[5]["truth"], truth[5 - burn_in])
     seen = scores.snapshots[5]["observations"]
     np.testing.assert_array_equal(np.isfinite(seen), mask[5])
+    with pytest.raises(ValueError, match="burn_in"):
+        Scores(grid, burn_in=-1)

@@ -127,3 +127,42 @@ def test_cycle_background_is_previous_forecast(tmp_path):
         writer.append(results[0])
         raise RuntimeError("solver died")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nc"]
+
+
+def test_sliding_windows_assimilate_each_observation_once():
+    """Windows of 3 times sliding by 1 (4D-Var lag 2): each window's background is
+    the previous analysis one observation time on, only its newest observation is
+    assimilated, and the results report each time once (the first window's three,
+    then each window's newest)."""
+    grid = sim.Grid((16,), (1.0,))
+    model = sim.Simulator(
+        sim.AdvectionDiffusion(grid, 0.01, [0.3]), sim.crank_nicolson(), 0.02
+    )
+    x = grid.mesh()[0]
+    states = model.rollout(jnp.sin(2 * jnp.pi * x), 11)[::2]  # 6 times, interval 2
+    windows = [
+        ObservationSet(
+            states[k : k + 3],
+            jnp.ones((3, 16), bool),
+            jnp.full((3, 16), 0.05),
+            jnp.arange(k, k + 3) * 0.04,
+            states[k : k + 3],
+        )
+        for k in range(4)
+    ]
+    problem = WindowProblem(model, DiffusionCovariance(grid, 0.5, 0.1), 2)
+    analyser = Variational(incremental(), max_steps=3)
+    results = list(cycle(analyser, problem, windows, jnp.zeros(16), shift=1))
+    np.testing.assert_allclose(
+        np.concatenate([r.times for r in results]), np.arange(6) * 0.04
+    )
+    assert [r.analysis.shape[0] for r in results] == [3, 1, 1, 1]
+    # Every observation assimilated exactly once over the run.
+    assert sum(int(r.window.mask.sum()) for r in results) == 6 * 16
+    # Window 1 starts from window 0's analysis at its second time: its background
+    # at its newest time is that state run two intervals on.
+    expected = model.rollout(jnp.asarray(results[0].analysis[1]), 4)[-1]
+    np.testing.assert_allclose(results[1].background[0], expected, atol=1e-10)
+    assert results[-1].diagnostics["rmse_truth_analysis"] < 0.02
+    with pytest.raises(ValueError, match="shift"):
+        next(cycle(analyser, problem, windows, jnp.zeros(16), shift=0))

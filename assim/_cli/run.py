@@ -123,7 +123,6 @@ def _assimilate(cfg: DictConfig) -> dict:
             cycle_parameters=bool(method.get("cycle_parameters", True)),
             shift=shift,
             adaptation=adaptation,
-            key=jax.random.PRNGKey(int(cfg.seed)),
         )
     else:  # independent windows, `batch_windows` at a time over every device
         results = assimilate(
