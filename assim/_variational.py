@@ -98,15 +98,24 @@ class Variational(AbstractAnalyser):
     - `max_steps`: iteration cap (L-BFGS iterations or Gauss-Newton outer loops);
       a run that reaches it returns its last iterate (outcome `max_steps`).
     - `progress`: the host callback above, or `None`.
+    - `gradient_rtol`: also converged when the gradient norm has fallen by this
+      factor from the background's (the usual test of operational 4D-Var, which
+      float32 meets where the solver's tolerances on the iterates, near machine
+      precision, would not); `None`: the solver's tolerances only.
     """
 
     solver: optx.AbstractMinimiser | optx.AbstractLeastSquaresSolver
     max_steps: int = eqx.field(static=True, default=100)
     progress: Callable[[int, float], None] | None = eqx.field(static=True, default=None)
+    gradient_rtol: float | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.gradient_rtol is not None and not 0 < self.gradient_rtol < 1:
+            raise ValueError(
+                f"gradient_rtol must be in (0, 1), got {self.gradient_rtol}"
+            )
         if not isinstance(
             self.solver, (optx.AbstractMinimiser, optx.AbstractLeastSquaresSolver)
         ):
@@ -196,6 +205,10 @@ class Variational(AbstractAnalyser):
                     lambda: None,
                 )
             costs, gnorms = costs.at[steps].set(value), gnorms.at[steps].set(gnorm)
+            if self.gradient_rtol is not None:
+                small = (k > 0) & (gnorm <= self.gradient_rtol * gnorms[0])
+                result = optx.RESULTS.where(small, optx.RESULTS.successful, result)
+                done = done | small
             state = eqx.filter(state, eqx.is_array)
             return k + 1, y, state, done, result, costs, gnorms
 

@@ -192,8 +192,7 @@ def test_run_twin_lorenz96_3dvar(tmp_path):
         "twin.sensors.density=0.5",
         "twin.sensors.dropout=0.0",
         "twin.truth.missing_term.kind=none",
-        "problem.background_covariance.std=1.0",
-        "method.initial_background=zero",
+        "method.initial_background=climatology",
         "plot=false",
         "progress=false",
     )
@@ -202,6 +201,66 @@ def test_run_twin_lorenz96_3dvar(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["windows"] == 6 and "parameters" not in metrics
     assert metrics["rmse_truth"] < metrics["rmse_background"], metrics
+    # B's scale adapted from the second window on (the default)
+    with xr.open_dataset(tmp_path / "analysis.nc") as ds:
+        scale = ds["background_error_scale"].values
+    assert scale[0] == 1.0 and np.all(scale[2:] != 1.0), scale
+
+
+# A Lorenz-96 twin of the published setting, cut short: every variable observed
+# every 0.05 with error std 1, 24 times.
+_L96_FULL = [
+    "simulator=lorenz96",
+    "twin=dense",
+    "twin.observation_interval=5",
+    "twin.n_times=24",
+    "twin.spinup_steps=500",
+    "float64=true",  # the L-BFGS and sliding runs below agree across machines
+]
+
+
+def test_run_lorenz96_methods_on_one_twin(tmp_path):
+    """The `assim-run` methods a DAPPER user compares, on one Lorenz-96 twin:
+    climatology, optimal interpolation and cycled 3D-Var (each better than the
+    last), L-BFGS 4D-Var on windows of 4 (its trial steps blow the chaotic model
+    up: backed off from), and sliding-window 4D-Var (lag 3, shift 1); and the
+    burn-in changing the scores as stated."""
+    gen = _app("data", tmp_path, *_L96_FULL, "output=obs.nc")
+    assert gen.returncode == 0, gen.stderr
+    common = [*_L96_FULL, f"data.path={tmp_path / 'obs.nc'}", "data.heldout_fraction=0"]
+    found = {}
+    for name, *overrides in [
+        ("climatology", "method=climatology"),
+        ("oi", "method=oi"),
+        ("var3d", "method=var3d", "scoring.burn_in=0"),
+        ("var3d_burn", "method=var3d", "scoring.burn_in=12"),
+        ("var4d_lbfgs", "method=var4d_lbfgs", "method.window_length=4"),
+        ("sliding", "method=var4d_sliding", "method.window_length=4"),
+    ]:
+        run = _app("run", tmp_path, *common, *overrides, run_dir=tmp_path / name)
+        assert run.returncode == 0, (name, run.stderr)
+        found[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    rmse = {name: m["rmse_truth"] for name, m in found.items()}
+    assert rmse["var3d"] < rmse["oi"] < rmse["climatology"], rmse
+    assert 2.5 < rmse["climatology"] < 5.0, rmse  # the climate's spread, ~3.6
+    # Burn-in: the same run, scored on its last 12 times only.
+    assert found["var3d_burn"]["scored_from_time_index"] == 12
+    assert rmse["var3d_burn"] != rmse["var3d"]
+    with (
+        xr.open_dataset(tmp_path / "var3d_burn" / "analysis.nc") as ds,
+        xr.open_dataset(tmp_path / "obs.nc") as obs,
+    ):
+        error = ds["analysis"].values - obs["truth"].values
+    np.testing.assert_allclose(
+        rmse["var3d_burn"], np.sqrt(np.mean(error[12:] ** 2)), rtol=1e-6
+    )
+    lbfgs = found["var4d_lbfgs"]
+    assert lbfgs["windows"] == 6 and lbfgs["rmse_truth"] < 0.8, lbfgs
+    sliding = found["sliding"]
+    assert sliding["windows"] == 21, sliding  # windows start at times 0..20
+    assert sliding["rmse_truth"] < 0.8, sliding
+    with xr.open_dataset(tmp_path / "sliding" / "analysis.nc") as ds:
+        assert ds.sizes["time"] == 24  # each time reported once
 
 
 def test_run_bad_input_fails_cleanly(tmp_path):
