@@ -41,7 +41,9 @@ def analysis_dataset(
     - `results`: from `cycle` or `assimilate`.
     - `grid`: the simulator's grid (coordinates).
     - `parameters`: `{name: (values, attrs)}` with `attrs` holding at least `units`
-      and `long_name`; values are scalars or fields of the grid's shape.
+      and `long_name`; values are scalars or fields of the grid's shape; or
+      `{name: (values, attrs, ("window",))}` for one value per window (e.g. each
+      window's estimate).
     - `attrs`: global attributes (method, simulator, settings).
     """
     names, coords = cf_coords(
@@ -110,11 +112,13 @@ def _window_variables(results: list[WindowResult], time_units: str) -> dict:
 
 def _parameter_variables(parameters: dict | None, names: tuple) -> dict:
     data = {}
-    for name, (values, var_attrs) in (parameters or {}).items():
+    for name, (values, var_attrs, *leading) in (parameters or {}).items():
         values = np.asarray(values)
+        leading = tuple(leading[0]) if leading else ()
         if "units" not in var_attrs:
             raise ValueError(f"parameter {name!r} needs units")
-        data[name] = (() if values.ndim == 0 else tuple(names), values, var_attrs)
+        spatial = () if values.ndim == len(leading) else tuple(names)
+        data[name] = ((*leading, *spatial), values, var_attrs)
     return data
 
 

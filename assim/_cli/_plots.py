@@ -22,9 +22,12 @@ def plot_run(
     estimated,
     true_parameter,
     parameter_name,
+    history=None,
+    window_times=None,
 ):
     """`fields.png` (truth / observations / analysis / error at a few times),
-    `parameter.png` (estimated vs true coefficient), `rmse.png` (RMSE over time).
+    `parameter.png` (estimated vs true coefficient; a scalar's estimate window
+    by window), `rmse.png` (RMSE over time).
 
     `snapshots`: `analysis`, `observations` (NaN where none) and, in a twin
     experiment, `truth` at `times`; `series`: `time` and the RMSE per time of the
@@ -68,7 +71,18 @@ def plot_run(
     savefig(fig, out / "fields.png")
     plt.close(fig)
 
-    if estimated is not None:
+    if estimated is not None and np.ndim(estimated) == 0:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(window_times, history, "o-", label="estimate after the window")
+        if true_parameter is not None:
+            ax.axhline(float(true_parameter), color="k", ls="--", label="truth")
+        ax.set_xlabel("window start time")
+        ax.set_ylabel(parameter_name)
+        ax.legend()
+        fig.tight_layout()
+        savefig(fig, out / "parameter.png")
+        plt.close(fig)
+    elif estimated is not None:
         panels = [("estimated", estimated)]
         if true_parameter is not None:
             panels.append(("true", true_parameter))
@@ -81,10 +95,8 @@ def plot_run(
             if np.ndim(field) == 2:
                 im = ax.imshow(field, origin="lower", vmin=lo, vmax=hi)
                 fig.colorbar(im, ax=ax, shrink=0.8)
-            elif np.ndim(field) == 1:
-                ax.plot(np.asarray(grid.coordinates(0)), field)
             else:
-                ax.bar([0], [float(field)])
+                ax.plot(np.asarray(grid.coordinates(0)), field)
             ax.set_title(f"{name} {parameter_name}")
         fig.tight_layout()
         savefig(fig, out / "parameter.png")

@@ -215,23 +215,29 @@ def _finish(cfg, ds, path, out, t_start, grid, parameter, results, times):
             **scores.metrics(),
             **_consistency(summaries, cfg.scoring),
         }
-        parameters, estimated = {}, None
+        parameters, estimated, history = {}, None, None
         if parameter is not None and last.theta is not None:
-            estimated = np.asarray(parameter.value(jnp.asarray(last.theta)))
+            history = np.stack(
+                [np.asarray(parameter.value(jnp.asarray(r.theta))) for r in summaries]
+            )
+            estimated = history[-1]
+            attrs = {"units": parameter.units}
             parameters[parameter.name] = (
                 estimated,
-                {
-                    "units": parameter.units,
-                    "long_name": f"estimated {parameter.long_name}",
-                },
+                {**attrs, "long_name": f"estimated {parameter.long_name}"},
+            )
+            parameters[f"{parameter.name}_per_window"] = (
+                history,
+                {**attrs, "long_name": f"{parameter.long_name} estimated by window"},
+                ("window",),
             )
             metrics["parameters"] = {
-                parameter.name: _parameter_entry(ds, parameter, estimated)
+                parameter.name: _parameter_entry(ds, parameter, estimated, history)
             }
         writer.close(parameters)
     write_json(metrics, out / "metrics.json")
     if cfg.plot and jax.process_index() == 0:  # the file only process 0 wrote
-        _plot(ds, out, grid, scores, parameter, estimated)
+        _plot(ds, out, grid, scores, parameter, estimated, history, summaries)
     log.info("wrote %s", out)
     return metrics
 
@@ -263,9 +269,9 @@ def _consistency(summaries, scoring) -> dict:
     return found
 
 
-def _parameter_entry(ds, parameter, estimated) -> dict:
-    """The estimated parameter's summary, with its error when the file holds the
-    true one (`true_<name>`)."""
+def _parameter_entry(ds, parameter, estimated, history) -> dict:
+    """The estimated parameter's summary (a scalar's estimate after each window
+    too), with its error when the file holds the true one (`true_<name>`)."""
     entry = {
         "name": parameter.name,
         "units": parameter.units,
@@ -274,6 +280,11 @@ def _parameter_entry(ds, parameter, estimated) -> dict:
         "max": float(estimated.max()),
         "background": float(parameter.background),
     }
+    if estimated.ndim == 0:
+        # Each short window's estimate is noisy (the prior does not shrink while
+        # cycling): the average over the windows is the better summary.
+        entry["per_window"] = [float(v) for v in history]
+        entry["mean_over_windows"] = float(np.mean(history))
     true_name = f"true_{parameter.name}"
     if true_name in ds.variables:
         true = np.asarray(ds[true_name].values)
@@ -282,10 +293,14 @@ def _parameter_entry(ds, parameter, estimated) -> dict:
         entry["background_relative_l2_error"] = float(
             np.linalg.norm(parameter.background - true) / norm
         )
+        if estimated.ndim == 0:
+            entry["mean_over_windows_relative_error"] = float(
+                abs(np.mean(history) - true) / norm
+            )
     return entry
 
 
-def _plot(ds, out, grid, scores, parameter, estimated):
+def _plot(ds, out, grid, scores, parameter, estimated, history, summaries):
     """The plots, from the snapshots and RMSE per time the scores kept."""
     from ._plots import plot_run
 
@@ -306,6 +321,8 @@ def _plot(ds, out, grid, scores, parameter, estimated):
         snapshots=snapshots,
         series=scores.series,
         estimated=estimated,
+        history=history,
+        window_times=np.asarray([r.times[0] for r in summaries]),
         true_parameter=true_param,
         parameter_name=name,
     )
