@@ -72,7 +72,7 @@ class InnovationAdaptation(eqx.Module):
 
     background: bool = eqx.field(static=True, default=True)
     observation_error: bool = eqx.field(static=True, default=False)
-    forgetting: float = eqx.field(static=True, default=0.9)
+    forgetting: float = eqx.field(static=True, default=0.95)
     max_factor: float = eqx.field(static=True, default=2.0)
     bounds: tuple[float, float] = eqx.field(static=True, default=(1e-6, 1e6))
 

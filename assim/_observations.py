@@ -96,9 +96,13 @@ def validate_dataset(ds: xr.Dataset, *, grid: Grid | None = None, name="dataset"
         for axis, d in enumerate(spatial):
             expected = np.asarray(grid.coordinates(axis))
             if not np.allclose(ds[d].values, expected, rtol=1e-6, atol=1e-9):
+                found = np.asarray(ds[d].values, np.float64)
+                spacing = float(found[1] - found[0]) if found.size > 1 else np.nan
                 raise ObservationError(
-                    f"{name}: coordinate '{d}' does not match the simulator grid "
-                    f"(spacing {grid.spacing[axis]:g}, boundary {grid.boundary})"
+                    f"{name}: coordinate '{d}' does not match the simulator grid: "
+                    f"the file's starts at {found[0]:g} with spacing {spacing:g}, "
+                    f"the grid's at {expected[0]:g} with spacing "
+                    f"{grid.spacing[axis]:g} (boundary {grid.boundary})"
                 )
 
 

@@ -17,6 +17,8 @@ def run_app(name: str, cfg: DictConfig, body: Callable[[DictConfig], dict]):
     one-line errors and exit code 2 on bad input."""
     from assim import ObservationError, TrainingStopped
 
+    # JAX logs at INFO that it found no TPU on every run: not the user's concern.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     if cfg.get("float64"):
         jax.config.update("jax_enable_x64", True)
     try:

@@ -158,17 +158,21 @@ def _heldout_points(ds, grid, fraction: float, seed) -> np.ndarray:
 
 def _first_background(ds, length: int, method, problem):
     """The first background (no truth is used): the first window's observations'
-    mean, 0, or the model's climatological mean (`assim.Climatology`)."""
+    mean, the mean of all the file's observations (its own climatology), 0, or
+    the model's climatological mean (`assim.Climatology`)."""
     grid = problem.simulator.model.grid
     if method.initial_background == "obs_mean":
         level = float(np.nanmean(ds["obs"].isel(time=slice(0, length)).values))
         return jnp.full(grid.shape, level)
+    if method.initial_background == "obs_climatology":
+        return jnp.full(grid.shape, float(ds["obs"].mean(skipna=True)))
     if method.initial_background == "zero":
         return jnp.zeros(grid.shape)
     if method.initial_background == "climatology":
         return Climatology.from_run(problem.simulator).mean
     raise ValueError(
-        f"initial_background must be 'obs_mean', 'zero' or 'climatology', got "
+        "initial_background must be 'obs_mean', 'obs_climatology', 'zero' or "
+        f"'climatology', got "
         f"{method.initial_background!r}"
     )
 
