@@ -92,6 +92,7 @@ from ._stream import open_archive as open_archive
 from ._stream import split_windows as split_windows
 from ._train import TrainingStopped as TrainingStopped
 from ._train import TrainSettings as TrainSettings
+from ._train import cycled_backgrounds as cycled_backgrounds
 from ._train import evaluate as evaluate
 from ._train import load_checkpoint as load_checkpoint
 from ._train import save_checkpoint as save_checkpoint

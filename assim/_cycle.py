@@ -5,7 +5,7 @@ result with its diagnostics (`WindowResult`)."""
 
 import dataclasses
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import equinox as eqx
 import jax
@@ -266,13 +266,15 @@ def assimilate(
     analyser: AbstractAnalyser,
     problem: WindowProblem,
     windows: Iterable[ObservationSet],
-    background: Array,
+    background: Array | Callable[[ObservationSet], Array],
     *,
     batch_size: int = 16,
     mesh=None,
 ) -> Iterator[WindowResult]:
-    """Assimilate independent windows, each from the same `background` and the
-    problem's parameter prior (no cycling), `batch_size` windows at a time: each
+    """Assimilate independent windows, each from the same `background` (or from
+    `background(window)`, e.g. `lambda w: obs_mean_background(w, shape)`: each from
+    its own observations' mean) and the problem's parameter prior (no cycling),
+    `batch_size` windows at a time: each
     batch vmapped and split over the devices of `mesh` (`assim.batch_mesh`; default
     every device), padded where the windows do not divide across them. Windows are
     read as they are needed; results come in the windows' order.
@@ -284,7 +286,11 @@ def assimilate(
     windows = iter(windows)
     done = 0
     while chunk := list(itertools.islice(windows, batch_size)):
-        batch = Batch.stack(chunk, [background] * len(chunk))
+        if callable(background):
+            backgrounds = [background(window) for window in chunk]
+        else:
+            backgrounds = [background] * len(chunk)
+        batch = Batch.stack(chunk, backgrounds)
         outputs = map_windows(
             lambda model, w: analyse_window(*model, w.obs, w.background),
             (analyser, problem),

@@ -182,10 +182,9 @@ def refine_analysis(
     problem = net.model_problem(held(problem))
     w = problem.initial_control(window, background).w  # zero forcings (weak)
     start = problem.control(Analysis(jax.lax.stop_gradient(x), None, w), background)
-    # Tolerances below reach: the iterations run to `steps` (or a fixed point);
-    # optimistix's first Gauss-Newton step only linearises.
+    # Tolerances below reach: the iterations run to `steps` (or a fixed point).
     solver = Variational(
-        incremental(rtol=1e-12, atol=1e-12, inner_steps=cg_steps), max_steps=steps + 1
+        incremental(rtol=1e-12, atol=1e-12, inner_steps=cg_steps), max_steps=steps
     )
     analysis, _ = solver(problem, window, background, start=start)
     return jax.lax.stop_gradient(analysis.initial_state)

@@ -17,6 +17,7 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import PyTree
 
+from ._analyser import AbstractAnalyser
 from ._batch import Batch
 from ._losses import Masking, Term, WeightedLoss, batch_loss, refine_analysis
 from ._parallel import (
@@ -54,6 +55,14 @@ class TrainSettings:
       each step that draws the window (warm starts: the iterations add up across
       steps); it is checkpointed with the parameters, so a resumed run continues
       exactly.
+    - `cycle_every`: with `n > 0`, the windows' backgrounds are those cycling
+      gives: before training and then every `n` steps, the network (as trained so
+      far) analyses the training and validation windows in time order, each from
+      the forecast of its analysis of the window before (`cycled_backgrounds`),
+      so that it learns from the backgrounds `assim-run` feeds it when cycling
+      rather than only from the given ones (the observation means). Needs the
+      windows in memory (not a `WindowStream`); the backgrounds are
+      checkpointed, so a resumed run continues exactly.
     - `validate_every`, `checkpoint_every`: in steps (0: only at the end).
     - `seed`: batches and masks are drawn from `fold_in(seed, step)`, so that a
       resumed run draws what the uninterrupted run would have.
@@ -71,11 +80,14 @@ class TrainSettings:
     )
     validate_every: int = 50
     checkpoint_every: int = 50
+    cycle_every: int = 0
     seed: int = 0
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be positive")
+        if self.cycle_every < 0:
+            raise ValueError(f"cycle_every must be >= 0, got {self.cycle_every}")
         rates = (self.learning_rate, self.parameter_learning_rate or 1.0)
         if not all(rate > 0 for rate in rates):
             raise ValueError(f"learning rates must be positive, got {rates}")
@@ -118,12 +130,14 @@ def _parameter_labels(params) -> PyTree[str]:
 class TrainState(eqx.Module):
     """The trainable leaves, the optimiser state and the step count; `analyses`:
     the refined cost loss's warm-started analyses, one per training window (`None`
-    without it)."""
+    without it); `backgrounds`: with `cycle_every`, the cycled backgrounds of the
+    training and validation windows in time order (`None` without it)."""
 
     params: PyTree
     opt_state: PyTree
     step: jax.Array
     analyses: jax.Array | None = None
+    backgrounds: jax.Array | None = None
 
 
 def _split(net: AbstractWindowNet):
@@ -204,7 +218,7 @@ def _update(
     finite = jnp.isfinite(value) & jnp.all(
         jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
     )
-    new = TrainState(params, opt_state, state.step + 1, analyses)
+    new = TrainState(params, opt_state, state.step + 1, analyses, state.backgrounds)
     return new, value, terms, finite
 
 
@@ -341,6 +355,7 @@ def train(
     log: str | Path | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     mesh: Mesh | None = None,
+    window_numbers: tuple | None = None,
 ) -> tuple[AbstractWindowNet, list[dict]]:
     """Train `net` on the windows of `data`.
 
@@ -364,6 +379,11 @@ def train(
     - `mesh`: the devices that share each batch (`assim.batch_mesh`; default: every
       device of every process). `batch_size` must divide across them. One device
       or many, the steps are the same up to floating-point summation order.
+    - `window_numbers`: with `settings.cycle_every`, `(training, validation)`: each
+      window's position in time (its number in the file, consecutive windows
+      consecutive numbers); default: `data`'s windows then `validation`'s, one
+      after the other. Cycling restarts from a window's own background after a
+      gap.
 
     **Returns:** `(trained network, records)`.
 
@@ -375,6 +395,21 @@ def train(
     sharding = batch_sharding(mesh)
     state = init_state(net, settings)
     header = dict(header or {})
+    timeline = None
+    if settings.cycle_every:
+        if isinstance(data, WindowStream):
+            raise ValueError(
+                "cycle_every needs the training windows in memory, not streamed "
+                "from disk (data.stream=false)"
+            )
+        timeline = _timeline(data, validation, window_numbers)
+        backgrounds = timeline.windows.background
+        if not resume:
+            backgrounds, _ = _cycled(net, problem, timeline.windows, timeline.follows)
+        state = eqx.tree_at(
+            lambda s: s.backgrounds, state, backgrounds, is_leaf=_is_none
+        )
+        data = timeline.with_backgrounds(data, backgrounds, "train")
     warm = _warm_refined(settings) and not isinstance(data, WindowStream)
     if warm:  # the network's outputs start the refined analyses
         analyses = (
@@ -405,7 +440,15 @@ def train(
         data = replicate(data, mesh)
 
         def step_fn(state):
-            return _train_step(state, static, problem, data, settings, sharding)
+            batch = data
+            if timeline is not None:  # the current cycled backgrounds
+                batch = timeline.with_backgrounds(data, state.backgrounds, "train")
+            return _train_step(state, static, problem, batch, settings, sharding)
+
+    def validation_data(state):
+        if timeline is None or validation is None:
+            return validation
+        return timeline.with_backgrounds(validation, state.backgrounds, "validation")
 
     def save(state):
         if checkpoint is not None:
@@ -420,6 +463,15 @@ def train(
     try:
         while int(state.step) < settings.steps:
             step = int(state.step)
+            cycled = None
+            if timeline is not None and step and step % settings.cycle_every == 0:
+                backgrounds, linked = _cycled(
+                    network(net, state), problem, timeline.windows, timeline.follows
+                )
+                state = eqx.tree_at(
+                    lambda s: s.backgrounds, state, replicate(backgrounds, mesh)
+                )
+                cycled = int(np.sum(linked))
             try:
                 new, value, terms, finite = step_fn(state)
                 finite = bool(finite)
@@ -440,10 +492,14 @@ def train(
             state = new
             record = {"step": step + 1, "loss": float(value)}
             record.update({k: float(v) for k, v in terms.items()})
+            if cycled is not None:  # windows whose background is a cycled forecast
+                record["cycled_windows"] = cycled
             done = int(state.step) == settings.steps
             every = settings.validate_every
             if validation is not None and (done or (every and (step + 1) % every == 0)):
-                scores = evaluate(network(net, state), problem, validation, settings)
+                scores = evaluate(
+                    network(net, state), problem, validation_data(state), settings
+                )
                 record["validation"] = scores
             write(record)
             if on_step is not None:
@@ -455,6 +511,77 @@ def train(
         if batches is not None:
             batches.close()  # stops the reading thread
     return network(net, state), records
+
+
+def cycled_backgrounds(
+    net: AbstractAnalyser, problem: WindowProblem, windows: Batch, follows=None
+) -> jax.Array:
+    """The backgrounds that cycling gives the windows of `windows` (in time order):
+    each window's background is the forecast of `net`'s analysis of the window
+    before it, where `follows[k]` says that window `k` directly follows window
+    `k - 1` (default: all do); the first window, one after a gap and one whose
+    forecast is not finite (an analysis the model cannot integrate) keep their own
+    (`windows.background`). One compiled scan over the windows."""
+    if follows is None:
+        follows = np.arange(windows.size) > 0
+    return _cycled(net, problem, windows, follows)[0]
+
+
+@eqx.filter_jit
+def _cycled(net, problem: WindowProblem, windows: Batch, follows):
+    """`(backgrounds, whether each is a cycled forecast)`."""
+    problem = problem.tolerating_blow_up()
+    model = net.model_problem(problem)
+    n = windows.obs.values.shape[1]
+
+    def step(forecast, k):
+        window = jax.tree.map(lambda a: a[k], windows.obs)
+        linked = jnp.asarray(follows)[k] & jnp.all(jnp.isfinite(forecast))
+        background = jnp.where(linked, forecast, windows.background[k])
+        analysis, _ = net(problem, window, background)
+        forecast = model.forecast(analysis, model.trajectory(analysis, n))
+        return forecast, (background, linked)
+
+    _, out = jax.lax.scan(step, windows.background[0], jnp.arange(windows.size))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Timeline:
+    """The training and validation windows in time order (`windows`), whether each
+    directly follows the one before (`follows`), and the rows of the training and
+    validation windows in it."""
+
+    windows: Batch
+    follows: np.ndarray
+    rows: dict
+
+    def with_backgrounds(self, batch: Batch, backgrounds, part: str) -> Batch:
+        """`batch` (the training or validation windows) with their backgrounds
+        taken from the timeline's `backgrounds`."""
+        return eqx.tree_at(lambda b: b.background, batch, backgrounds[self.rows[part]])
+
+
+def _timeline(data: Batch, validation: Batch | None, numbers) -> _Timeline:
+    parts = [data] if validation is None else [data, validation]
+    both = jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+    if numbers is None:
+        numbers = np.arange(both.size)
+    else:
+        numbers = np.concatenate([np.asarray(n, int) for n in numbers if n is not None])
+    if numbers.shape != (both.size,) or len(set(numbers.tolist())) != both.size:
+        raise ValueError(
+            f"window_numbers must number the {both.size} training and validation "
+            f"windows once each, got {numbers.tolist()}"
+        )
+    order = np.argsort(numbers, kind="stable")
+    rows = np.argsort(order)
+    follows = np.concatenate([[False], np.diff(numbers[order]) == 1])
+    return _Timeline(
+        _select(both, order),
+        follows,
+        {"train": rows[: data.size], "validation": rows[data.size :]},
+    )
 
 
 @eqx.filter_jit

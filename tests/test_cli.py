@@ -311,8 +311,9 @@ def _run_checkpoint(tmp_path, name, *overrides):
 
 
 def test_train_resume_then_run_unrolled(tmp_path):
-    """`assim-train` on a tiny Lorenz-96 twin, resumed to one more step, then the
-    checkpoint used by `assim-run method=unrolled`."""
+    """`assim-train` on a tiny Lorenz-96 twin (its backgrounds cycled by the network,
+    refreshed before step 3, after the resume), resumed to one more step, then the
+    checkpoint used by `assim-run method=unrolled`, cycled."""
     small = [
         *TINY_L96_TWIN,
         "network.net.n_layers=2",
@@ -320,6 +321,7 @@ def test_train_resume_then_run_unrolled(tmp_path):
         "network.net.depth=2",
         "training.batch_size=1",
         "training.checkpoint_every=1",
+        "training.cycle_every=2",
         "training.weights.cost=0.1",  # added to the default masking loss
         "training.loss.terms.cost.loss.refine=1",  # refined by Gauss-Newton
         "training.loss.terms.cost.loss.refine_cg=5",
@@ -334,6 +336,7 @@ def test_train_resume_then_run_unrolled(tmp_path):
         for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
     ]
     assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r.get("cycled_windows") for r in records] == [None, None, 1]
     assert all(np.isfinite(r["loss"]) for r in records)
     assert all(r["cost"] > 0 and "masking" in r for r in records)
     metrics = _run_checkpoint(tmp_path, "run")

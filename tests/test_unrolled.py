@@ -31,9 +31,12 @@ from assim import (
     WeightedLoss,
     WindowProblem,
     batch_loss,
+    cycle,
+    cycled_backgrounds,
     train,
     windows_batch,
 )
+from assim._train import init_state, load_checkpoint
 
 T, INTERVAL = 3, 5
 
@@ -481,8 +484,7 @@ def test_refined_analyses_are_warm_started_across_steps(l96_windows, getkey, tmp
     output: with the model fixed (no learned parameters), 3 steps that each draw
     every window leave the analyses 3 Gauss-Newton iterations refine the untrained
     network's outputs to (Gauss-Newton keeps no state between iterations)."""
-    from assim import load_checkpoint, refine_analysis
-    from assim._train import init_state
+    from assim import refine_analysis
 
     l96, B, windows = l96_windows
     data = windows_batch(windows[:2], (40,))
@@ -510,6 +512,92 @@ def test_refined_analyses_are_warm_started_across_steps(l96_windows, getkey, tmp
         )
         assert not np.allclose(expected, x, atol=1e-3)
         np.testing.assert_allclose(state.analyses[i], expected, rtol=1e-8, atol=1e-8)
+
+
+def test_cycled_backgrounds_are_what_cycling_feeds_the_network(l96_windows, getkey):
+    """`cycled_backgrounds` (one scan) gives each window the background that
+    `cycle` (the loop `assim-run` runs) gives it; after a gap in the numbering
+    the window keeps its own background."""
+    l96, B, windows = l96_windows
+    data = windows_batch(windows[:4], (40,))
+    net, problem = make_net(l96, B, getkey())
+    backgrounds = cycled_backgrounds(net, problem, data)
+    results = list(cycle(net, problem, windows[:4], data.background[0]))
+    expected = np.stack([r.background[0] for r in results])
+    np.testing.assert_allclose(backgrounds, expected, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(backgrounds[1:], data.background[1:], atol=0.1)
+    gap = cycled_backgrounds(net, problem, data, np.array([False, True, False, True]))
+    np.testing.assert_allclose(gap[2], data.background[2])
+    restarted = list(cycle(net, problem, windows[2:4], data.background[2]))
+    np.testing.assert_allclose(gap[3], restarted[1].background[0], rtol=1e-6, atol=1e-6)
+
+
+def test_training_on_cycled_backgrounds(l96_windows, getkey, tmp_path):
+    """With `cycle_every`, training starts from the untrained network's cycled
+    backgrounds and refreshes them with the trained network's (the windows given
+    out of time order and numbered: the timeline follows the numbers); the
+    validation windows are cycled too, and a resumed run continues exactly."""
+    l96, B, windows = l96_windows
+    order = [2, 0, 3, 1]  # training windows' numbers in the file
+    data = windows_batch([windows[k] for k in order], (40,))
+    validation = windows_batch(windows[4:6], (40,))
+    numbers = (np.array(order), np.array([4, 5]))
+    net, problem = make_net(l96, B, getkey())
+    common = dict(
+        batch_size=2,
+        validate_every=2,
+        checkpoint_every=1,
+        cycle_every=2,
+        loss=WeightedLoss.of(supervised=1.0),
+    )
+    path = tmp_path / "ck.eqx"
+    train_args = dict(validation=validation, window_numbers=numbers)
+    full, records = train(
+        net, problem, data, TrainSettings(steps=4, **common), **train_args
+    )
+    assert [r.get("cycled_windows") for r in records] == [None, None, 5, None]
+    in_time = windows_batch(windows[:6], (40,))
+    train(
+        net,
+        problem,
+        data,
+        TrainSettings(steps=3, **common),
+        checkpoint=path,
+        **train_args,
+    )
+    like = init_state(net, TrainSettings(**common))
+    like = eqx.tree_at(
+        lambda s: s.backgrounds, like, jnp.zeros((6, 40)), is_leaf=lambda x: x is None
+    )
+    state, _ = load_checkpoint(path, like)
+    # refreshed before step 3 with the network after step 2 (not the untrained one)
+    before = cycled_backgrounds(net, problem, in_time)
+    assert not np.allclose(state.backgrounds, before, atol=1e-3)
+    two = train(net, problem, data, TrainSettings(steps=2, **common), **train_args)[0]
+    np.testing.assert_allclose(
+        state.backgrounds, cycled_backgrounds(two, problem, in_time), rtol=1e-5
+    )
+    resumed, _ = train(
+        net,
+        problem,
+        data,
+        TrainSettings(steps=4, **common),
+        checkpoint=path,
+        resume=True,
+        **train_args,
+    )
+    assert tree_allclose(
+        eqx.filter(full, eqx.is_array), eqx.filter(resumed, eqx.is_array)
+    )
+    with pytest.raises(ValueError, match="window_numbers"):
+        train(
+            net,
+            problem,
+            data,
+            TrainSettings(steps=1, **common),
+            validation=validation,
+            window_numbers=(np.array([0, 1, 2, 2]), np.array([4, 5])),
+        )
 
 
 @pytest.mark.parametrize("refined", [False, True])

@@ -28,6 +28,7 @@ from assim import (
     assimilate,
     bundled_dataset,
     cycle,
+    obs_mean_background,
     open_archive,
     open_observations,
 )
@@ -125,6 +126,8 @@ def _assimilate(cfg: DictConfig) -> dict:
             adaptation=adaptation,
         )
     else:  # independent windows, `batch_windows` at a time over every device
+        if method.initial_background == "obs_mean":  # each its own observations'
+            background = lambda w: obs_mean_background(w, grid.shape)  # noqa: E731
         results = assimilate(
             analyser,
             problem,

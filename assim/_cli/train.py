@@ -8,6 +8,7 @@ directory; `resume=true hydra.run.dir=THAT_DIR` continues where it stopped. E.g.
 `assim-train network.net.prior=pnp`.
 """
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from assim._config import (
     network_header,
     training_settings,
 )
-from assim._stream import split_windows, stream_windows
+from assim._stream import split_windows, stream_windows, window_labels
 
 from .common import log, run_app
 from .run import open_data
@@ -38,6 +39,7 @@ def _train(cfg: DictConfig) -> dict:
     dtype = jnp.zeros(()).dtype
     ds, _, interval = open_data(cfg, grid, out)
     length = int(cfg.network.window_length or ds.attrs.get("window_length", 10))
+    numbers = None
     if cfg.data.get("stream"):
         data, validation = stream_windows(ds, length, cfg.data.max_windows, dtype, grid)
         first = data.batch(range(min(len(data), 16)))
@@ -45,8 +47,12 @@ def _train(cfg: DictConfig) -> dict:
         groups = split_windows(ds, length, dtype)
         if not groups[0]:
             raise ValueError("the observation file has no training window")
+        labels = window_labels(ds, length)
+        numbers = {k: np.flatnonzero(labels == k) for k in groups}
         if cfg.data.max_windows:
             groups = {k: v[: int(cfg.data.max_windows)] for k, v in groups.items()}
+            numbers = {k: v[: int(cfg.data.max_windows)] for k, v in numbers.items()}
+        numbers = (numbers[0], numbers[1] if groups[1] else None)
         data = first = windows_batch(groups[0], grid.shape)
         validation = windows_batch(groups[1], grid.shape) if groups[1] else None
     # The networks' input scale: the spread of the training observations (no truth).
@@ -59,6 +65,12 @@ def _train(cfg: DictConfig) -> dict:
             problem, jax.tree.map(lambda a: a[0], first.obs), first.background[0]
         )
     settings = training_settings(cfg.training)
+    if settings.cycle_every and cfg.data.get("stream"):
+        log.warning(
+            "streamed windows: training on the file's backgrounds (cycled "
+            "backgrounds, training.cycle_every, need the windows in memory)"
+        )
+        settings = dataclasses.replace(settings, cycle_every=0)
     checkpoint = Path(cfg.checkpoint)
     if not checkpoint.is_absolute():
         checkpoint = out / checkpoint
@@ -98,6 +110,7 @@ def _train(cfg: DictConfig) -> dict:
             resume=bool(cfg.resume),
             log=metrics_log,
             on_step=on_step,
+            window_numbers=numbers,
         )
     finally:
         if bar is not None:
