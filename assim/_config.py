@@ -8,6 +8,9 @@ Configs are `_target_` nodes that mirror the constructors. A config may come fro
 a file someone else wrote (a checkpoint's header), so `instantiate_trusted` builds
 only objects of this project's packages."""
 
+import importlib
+import inspect
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -42,17 +45,57 @@ def instantiate_trusted(cfg, *, _convert_: str = "all", **objects):
     a callback) are passed to the built callable as they are: hydra would turn
     them into configs."""
     for target in _targets(OmegaConf.to_container(cfg) if _is_config(cfg) else cfg):
-        if not str(target).startswith(_TRUSTED):
-            raise ValueError(
-                f"refusing to build {target!r}: configs may only name "
-                f"{', '.join(p.rstrip('.') for p in _TRUSTED)} objects"
-            )
+        _check_target(target)
     if not objects:
         return instantiate(cfg, _convert_=_convert_)
     return instantiate(cfg, _partial_=True, _convert_=_convert_)(**objects)
 
 
-_TRUSTED = ("simulators.", "assim.", "optimistix.", "lineax.")
+_TRUSTED = ("simulators", "assim", "optimistix", "lineax")
+# The functions a config may call: constructors of the objects above.
+_FUNCTIONS = {
+    "assim.incremental",
+    "assim.climatological_covariance",
+    "simulators.backward_euler",
+    "simulators.crank_nicolson",
+}
+_FILE_CLASSES = {"assim.AnalysisWriter", "assim.WindowStream"}
+
+
+def _check_target(target) -> None:
+    """A `_target_` is allowed when it is one of the packages' public classes
+    (`assim.Variational`, `simulators.Grid`, `optimistix.LBFGS`; not those that
+    open or write files), a classmethod constructor of one
+    (`assim.DiffusionCovariance.relative`), or one of the constructor functions
+    in `_FUNCTIONS`: no private name, no module path (`assim._io.os.remove` would
+    reach `os` through a module's imports), no function that writes
+    (`assim.save_checkpoint`)."""
+    parts = str(target).split(".")
+    refused = ValueError(
+        f"refusing to build {target!r}: configs may only name the public classes "
+        f"and functions of {', '.join(_TRUSTED)}"
+    )
+    if (
+        parts[0] not in _TRUSTED
+        or not 2 <= len(parts) <= 3
+        or any(not p.isidentifier() or p.startswith("_") for p in parts)
+    ):
+        raise refused
+    obj = getattr(importlib.import_module(parts[0]), parts[1], None)
+    name = ".".join(parts[:2])
+    if inspect.isfunction(obj):
+        if name not in _FUNCTIONS or len(parts) > 2:
+            raise refused
+    elif not (
+        isinstance(obj, type)
+        and obj.__module__.split(".")[0] in _TRUSTED
+        and name not in _FILE_CLASSES
+    ):
+        raise refused
+    if len(parts) == 3:
+        member = inspect.getattr_static(obj, parts[2], None)
+        if not isinstance(obj, type) or not isinstance(member, classmethod):
+            raise refused
 
 
 def _is_config(cfg) -> bool:

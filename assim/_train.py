@@ -3,6 +3,8 @@ validation, a JSON-lines metrics log, atomic checkpoints with exact resume, and 
 stop on a non-finite loss that keeps the last good state."""
 
 import dataclasses
+import hashlib
+import io
 import json
 import os
 import tempfile
@@ -284,19 +286,23 @@ def evaluate(
 
 
 def save_checkpoint(path, state: TrainState, header: dict):
-    """Write `header` (one JSON line) and the state's leaves
-    (`eqx.tree_serialise_leaves`) atomically. In a multi-host run the first
-    process writes (the state is replicated)."""
+    """Write `header` (one JSON line, with the SHA-256 of the leaves) and the
+    state's leaves (`eqx.tree_serialise_leaves`) atomically. In a multi-host run
+    the first process writes (the state is replicated)."""
     if jax.process_index() != 0:
         return
     state = jax.tree.map(_host_copy, state)
+    leaves = io.BytesIO()
+    eqx.tree_serialise_leaves(leaves, state)
+    leaves = leaves.getvalue()
+    header = {**header, "sha256": hashlib.sha256(leaves).hexdigest()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write((json.dumps(header) + "\n").encode())
-            eqx.tree_serialise_leaves(f, state)
+            f.write(leaves)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
@@ -318,22 +324,43 @@ def _umask() -> int:
 
 def read_header(path) -> dict:
     """The JSON header of a checkpoint."""
+    return _read(path)[0]
+
+
+def _read(path) -> tuple[dict, bytes]:
+    """`(header, leaves' bytes)` of a checkpoint, the leaves checked against the
+    header's checksum."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     with open(path, "rb") as f:
-        try:
-            return json.loads(f.readline())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not an assim checkpoint (bad header)") from e
+        first, leaves = f.readline(), f.read()
+    try:
+        header = json.loads(first)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not an assim checkpoint (bad header)") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not an assim checkpoint (bad header)")
+    digest = header.get("sha256")
+    if digest is not None and hashlib.sha256(leaves).hexdigest() != digest:
+        raise ValueError(
+            f"{path} is corrupt: its contents do not match the checksum in its "
+            "header (truncated or modified)"
+        )
+    return header, leaves
 
 
 def load_checkpoint(path, like: TrainState) -> tuple[TrainState, dict]:
-    """Read a checkpoint into the structure of `like`."""
-    header = read_header(path)
-    with open(path, "rb") as f:
-        f.readline()
-        state = eqx.tree_deserialise_leaves(f, like)
+    """Read a checkpoint into the structure of `like` (after checking it)."""
+    header, leaves = _read(path)
+    try:
+        state = eqx.tree_deserialise_leaves(io.BytesIO(leaves), like)
+    except Exception as e:
+        raise ValueError(
+            f"{path} does not fit this network and training settings (a different "
+            f"network, loss or cycling than the one that wrote it?): "
+            f"{type(e).__name__}"
+        ) from e
     return state, header
 
 
