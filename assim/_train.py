@@ -65,7 +65,9 @@ class TrainSettings:
       rather than only from the given ones (the observation means). Needs the
       windows in memory (not a `WindowStream`); the backgrounds are
       checkpointed, so a resumed run continues exactly.
-    - `validate_every`, `checkpoint_every`: in steps (0: only at the end).
+    - `validate_every`, `checkpoint_every`: in steps (0: only at the end). A
+      checkpoint is written once its state's loss (at the next step) is known
+      finite, and not over one whose loss was much lower (a diverging run).
     - `seed`: batches and masks are drawn from `fold_in(seed, step)`, so that a
       resumed run draws what the uninterrupted run would have.
     """
@@ -477,9 +479,31 @@ def train(
             return validation
         return timeline.with_backgrounds(validation, state.backgrounds, "validation")
 
+    # The last state whose loss was finite (evaluated at its own parameters), and
+    # the losses of the states evaluated so far. A periodic checkpoint is written
+    # once its state's loss is known finite (`pending` until then), a stop writes
+    # the last good state; neither writes over a checkpoint of this run that is
+    # newer or whose loss was much lower (a diverging run).
+    losses: dict[int, float] = {}
+    saved = {"step": int(state.step) if resume else None}
+    good = pending = None
+
     def save(state):
         if checkpoint is not None:
             save_checkpoint(checkpoint, state, {**header, "step": int(state.step)})
+            saved["step"] = int(state.step)
+
+    def stop(reason: str, cause=None):
+        kept = _worth_saving(good, saved["step"], losses)
+        if kept is not None and checkpoint is not None:
+            save(kept)
+        if checkpoint is None:
+            where = "no checkpoint file was given"
+        elif saved["step"] is None:
+            where = f"no state of this run had a finite loss; {checkpoint} not written"
+        else:
+            where = f"the last good state (step {saved['step']}) is in {checkpoint}"
+        raise TrainingStopped(f"{reason}; {where}") from cause
 
     def write(record):
         records.append(record)
@@ -503,19 +527,19 @@ def train(
                 new, value, terms, finite = step_fn(state)
                 finite = bool(finite)
             except (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError) as e:
-                save(state)
-                first = error_summary(e)
-                raise TrainingStopped(
-                    f"step {step + 1}: a solve failed ({first}); the last good state "
-                    f"(step {step}) is in {checkpoint}"
-                ) from e
+                stop(f"step {step + 1}: a solve failed ({error_summary(e)})", e)
             if not finite:
-                save(state)
-                raise TrainingStopped(
-                    f"step {step + 1}: non-finite loss or gradient "
-                    f"(loss {float(value)}); the last good state (step {step}) "
-                    f"is in {checkpoint}"
-                )
+                loss = float(value)
+                stop(f"step {step + 1}: non-finite loss or gradient (loss {loss})")
+            losses[step] = float(value)
+            good = state
+            if pending is not None and int(pending.step) == step:
+                # a checkpoint is written once its state's loss is known finite
+                if _worth_saving(good, saved["step"], losses) is not None:
+                    save(good)
+                pending = None
+            if not _finite_leaves(new.params):
+                stop(f"step {step + 1}: the update made the parameters non-finite")
             state = new
             record = {"step": step + 1, "loss": float(value)}
             record.update({k: float(v) for k, v in terms.items()})
@@ -532,8 +556,10 @@ def train(
             if on_step is not None:
                 on_step(step + 1, record)
             every = settings.checkpoint_every
-            if done or (every and (step + 1) % every == 0):
+            if done:
                 save(state)
+            elif every and (step + 1) % every == 0:
+                pending = state
     finally:
         if batches is not None:
             batches.close()  # stops the reading thread
@@ -609,6 +635,33 @@ def _timeline(data: Batch, validation: Batch | None, numbers) -> _Timeline:
         follows,
         {"train": rows[: data.size], "validation": rows[data.size :]},
     )
+
+
+def _finite_leaves(tree) -> bool:
+    leaves = [x for x in jax.tree.leaves(tree) if eqx.is_inexact_array(x)]
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+
+
+# A stop keeps a checkpoint of the run over a later state whose loss rose by more
+# than this factor of the checkpointed state's: the run was diverging.
+_DIVERGED = 10.0
+
+
+def _worth_saving(good, saved_step, losses) -> "TrainState | None":
+    """`good` (a state whose loss was finite) if it may replace the checkpoint:
+    unless the checkpoint already holds it or a later one (`saved_step`), or
+    holds an earlier state whose loss was known and much lower (a diverging
+    run)."""
+    if good is None:
+        return None
+    step = int(good.step)
+    if saved_step is not None:
+        if step <= saved_step:
+            return None
+        before = losses.get(saved_step)
+        if before is not None and losses[step] > before + _DIVERGED * abs(before):
+            return None
+    return good
 
 
 @eqx.filter_jit

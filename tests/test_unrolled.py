@@ -635,27 +635,59 @@ def test_resume_continues_exactly(l96_windows, getkey, tmp_path, refined):
     assert steps == [1, 2, 3, 4]
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_state(l96_windows, getkey, tmp_path):
-    """A step size that makes the rollout blow up at step 2 stops training with a
-    message; the checkpoint holds the state after step 1."""
+def test_divergence_stops_and_keeps_the_last_good_state(l96_windows, getkey, tmp_path):
+    """A healthy run checkpointed at step 3, resumed at a diverging rate, stops with
+    a message and leaves the step-3 checkpoint as it was (the diverged state is
+    not written); resumed again at a sane rate, training continues from it. A run
+    that diverges at once from the start writes no checkpoint at all."""
     l96, B, windows = l96_windows
     data = windows_batch(windows, (40,))
     net, problem = make_net(l96, B, getkey())
-    settings = TrainSettings(
-        steps=5,
+    sane = dict(
         batch_size=2,
         validate_every=0,
-        checkpoint_every=0,
-        learning_rate=1e3,
-        warmup_steps=1,
-        clip_norm=1e6,
+        checkpoint_every=1,
         loss=WeightedLoss.of(supervised=1.0),
     )
+    wild = dict(sane, learning_rate=1e3, warmup_steps=1, clip_norm=1e6)
     path = tmp_path / "ck.eqx"
-    with pytest.raises(TrainingStopped, match="last good state"):
-        train(net, problem, data, settings, checkpoint=path)
-    header = json.loads(path.read_bytes().split(b"\n", 1)[0])
-    assert 1 <= header["step"] < 5
+    train(net, problem, data, TrainSettings(steps=3, **sane), checkpoint=path)
+    healthy = path.read_bytes()
+    with pytest.raises(TrainingStopped, match=r"last good state \(step 3\)"):
+        train(
+            net,
+            problem,
+            data,
+            TrainSettings(steps=10, **wild),
+            checkpoint=path,
+            resume=True,
+        )
+    assert path.read_bytes() == healthy
+    _, records = train(
+        net,
+        problem,
+        data,
+        TrainSettings(steps=5, **sane),
+        checkpoint=path,
+        resume=True,
+    )
+    assert [r["step"] for r in records] == [4, 5]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    fresh = tmp_path / "fresh.eqx"
+    with pytest.raises(TrainingStopped, match="non-finite") as stopped:
+        train(net, problem, data, TrainSettings(steps=10, **wild), checkpoint=fresh)
+    header = json.loads(fresh.read_bytes().split(b"\n", 1)[0]) if fresh.exists() else {}
+    # Whatever it kept had a finite loss: resuming it at a sane rate continues.
+    if header:
+        assert f"step {header['step']}" in str(stopped.value)
+        train(
+            net,
+            problem,
+            data,
+            TrainSettings(steps=header["step"] + 1, **sane),
+            checkpoint=fresh,
+            resume=True,
+        )
 
 
 def test_bilevel_hypergradient_through_newton_krylov(l96_windows, getkey):
