@@ -40,6 +40,7 @@ from ._covariance import ScaledCovariance as ScaledCovariance
 from ._covariance import SpectralCovariance as SpectralCovariance
 from ._covariance import climatological_covariance as climatological_covariance
 from ._cycle import WindowResult as WindowResult
+from ._cycle import WindowsFailed as WindowsFailed
 from ._cycle import analyse_window as analyse_window
 from ._cycle import assimilate as assimilate
 from ._cycle import cycle as cycle
@@ -73,6 +74,7 @@ from ._observations import ObservationSet as ObservationSet
 from ._observations import bundled_dataset as bundled_dataset
 from ._observations import iter_windows as iter_windows
 from ._observations import open_observations as open_observations
+from ._observations import quality_control as quality_control
 from ._operators import AbstractObservationOperator as AbstractObservationOperator
 from ._operators import GridSelection as GridSelection
 from ._operators import LinearInterpolation as LinearInterpolation

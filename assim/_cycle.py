@@ -22,6 +22,11 @@ from ._parallel import map_windows
 from ._problem import WindowProblem
 
 
+class WindowsFailed(RuntimeError):
+    """Some windows' analyses failed (a non-finite cost, a solver failure); the
+    others were written. The message says how many and which first."""
+
+
 @dataclasses.dataclass
 class WindowResult:
     """One assimilation window, on the host.

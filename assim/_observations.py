@@ -73,6 +73,11 @@ def validate_dataset(ds: xr.Dataset, *, grid: Grid | None = None, name="dataset"
         raise ObservationError(f"{name}: time is not strictly increasing")
     if "obs_error_std" not in ds.variables:
         raise ObservationError(f"{name}: missing variable 'obs_error_std'")
+    for var in ("obs", "obs_error_std", "truth"):
+        if var in ds.variables and not np.issubdtype(ds[var].dtype, np.number):
+            raise ObservationError(
+                f"{name}: '{var}' must be numeric, got dtype {ds[var].dtype}"
+            )
     std = ds["obs_error_std"]
     if std.dims not in ((), dims):
         raise ObservationError(
@@ -104,6 +109,52 @@ def validate_dataset(ds: xr.Dataset, *, grid: Grid | None = None, name="dataset"
                     f"the grid's at {expected[0]:g} with spacing "
                     f"{grid.spacing[axis]:g} (boundary {grid.boundary})"
                 )
+
+
+# An observation larger than this many error stds is refused: its error would be
+# below float32 resolution of its value (a fill value such as 1e30, or wrong units).
+MAX_MAGNITUDE = 1e7
+
+
+def _position(dims, where: np.ndarray) -> str:
+    """The first True index of `where`, as `time index 3, x 5` (window-relative)."""
+    index = np.argwhere(where)[0]
+    return ", ".join(
+        f"{'time index' if d == 'time' else d} {i}"
+        for d, i in zip(dims, index, strict=True)
+    )
+
+
+def quality_control(
+    window: "ObservationSet", factor: float = 10.0
+) -> tuple["ObservationSet", int]:
+    """Gross-error check of a window against its own observations: an observation
+    further from the window's median than `factor` times (the observed spread +
+    its error std) is rejected (no longer assimilated, as a missing one), where
+    the spread is the 5-95% range divided by 3.29 (the standard deviation for
+    Gaussian values; a range, not a deviation from the median, so that a field
+    with two regimes, a front, keeps both). Windows with fewer than 20
+    observations are left alone (no reliable spread). `factor=None`: no check.
+
+    **Returns:** `(window, number of rejected observations)`.
+    """
+    if factor is None:
+        return window, 0
+    if not factor > 0:
+        raise ValueError(f"gross-error factor must be positive, got {factor}")
+    values, mask = np.asarray(window.values), np.asarray(window.mask)
+    if mask.sum() < 20:
+        return window, 0
+    observed = values[mask]
+    low, median, high = np.quantile(observed, [0.05, 0.5, 0.95])
+    spread = (high - low) / 3.29
+    std = np.asarray(window.error_std)
+    gross = mask & (np.abs(values - median) > factor * (spread + std))
+    if not gross.any():
+        return window, 0
+    return dataclasses.replace(
+        window, mask=jnp.asarray(mask & ~gross), values=jnp.where(gross, 0.0, values)
+    ), int(gross.sum())
 
 
 def _check_error_std(std: np.ndarray, name: str):
@@ -195,6 +246,20 @@ class ObservationSet(eqx.Module):
             np.asarray(window["obs_error_std"].values, dtype=np.float64), obs.shape
         )
         _check_error_std(std[mask], name)
+        infinite = np.isinf(obs)
+        if infinite.any():
+            raise ObservationError(
+                f"{name}: 'obs' has {int(infinite.sum())} infinite values (first at "
+                f"{_position(window['obs'].dims, infinite)}); missing values are NaN"
+            )
+        huge = mask & (np.abs(obs) > MAX_MAGNITUDE * std)
+        if huge.any():
+            raise ObservationError(
+                f"{name}: {int(huge.sum())} observations exceed {MAX_MAGNITUDE:g} "
+                f"times their error std (first {obs[huge][0]:g} at "
+                f"{_position(window['obs'].dims, huge)}): a fill value or a unit "
+                "error, not a measurement"
+            )
         truth = None
         if "truth" in window.variables:
             truth = np.asarray(window["truth"].values, dtype=np.float64)

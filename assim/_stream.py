@@ -319,7 +319,28 @@ def window_labels(ds, length: int) -> np.ndarray:
     validation."""
     n = ds.sizes["time"] // length
     if "split" in ds.variables:
-        return np.asarray(ds["split"].values)[: n * length : length].astype(int)
+        split = np.asarray(ds["split"].values)
+        if split.shape != (ds.sizes["time"],) or not np.issubdtype(
+            split.dtype, np.number
+        ):
+            raise ValueError(
+                f"'split' must be numeric with dims (time,), got dtype {split.dtype} "
+                f"and shape {split.shape}"
+            )
+        unknown = sorted(set(np.unique(split).tolist()) - {0, 1, 2})
+        if unknown:
+            raise ValueError(
+                f"'split' must be 0 (train), 1 (validation) or 2 (test), got {unknown}"
+            )
+        per_window = split[: n * length].reshape(n, length)
+        varies = np.flatnonzero((per_window != per_window[:, :1]).any(axis=1))
+        if varies.size:
+            raise ValueError(
+                f"'split' varies inside {varies.size} windows of {length} times "
+                f"(first: window {varies[0]}, time index {varies[0] * length}): it "
+                "labels whole windows (set network.window_length to the file's)"
+            )
+        return per_window[:, 0].astype(int)
     k = np.arange(n)
     return np.where(k < 0.8 * n, 0, np.where(k < 0.9 * n, 1, 2))
 

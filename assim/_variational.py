@@ -71,6 +71,10 @@ def incremental(
     decrease the cost (or blows the model up) is halved
     (`IncrementalGaussNewton`); keep estimated parameters in a bounded transform
     (`Parameter`) so that a step cannot leave the model's valid range."""
+    if not isinstance(inner_steps, int) or isinstance(inner_steps, bool):
+        raise TypeError(f"inner_steps must be an integer, got {inner_steps!r}")
+    if inner_steps < 1:
+        raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
     inner = lx.CG(rtol=inner_rtol, atol=0.0, max_steps=inner_steps)
     return IncrementalGaussNewton(rtol, atol, lx.Normal(TruncatedCG(inner)))
 
@@ -110,6 +114,8 @@ class Variational(AbstractAnalyser):
     gradient_rtol: float | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
+        if not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool):
+            raise TypeError(f"max_steps must be an integer, got {self.max_steps!r}")
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.gradient_rtol is not None and not 0 < self.gradient_rtol < 1:

@@ -15,7 +15,7 @@ default B) on the same file. RMSE against the truth over the test windows only
 (`scoring.burn_in` = the training and validation times), background RMSE, the
 analysis chi-square.
 
-`python benchmarks/bench_cycled_training.py` (about 10 minutes on 2 CPU cores;
+`python benchmarks/bench_cycled_training.py` (about 3 minutes on 2 CPU cores;
 `--steps`, `--times` to change the training length and the twin).
 """
 

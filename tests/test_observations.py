@@ -149,3 +149,80 @@ def test_fill_value_reads_as_missing(tmp_path):
     np.testing.assert_array_equal(
         np.asarray(window.mask), np.isfinite(ds["obs"].values)
     )
+
+
+@pytest.mark.parametrize(
+    "what,match",
+    [
+        ("inf", "'obs' has 1 infinite values"),
+        ("all huge", "observations exceed 1e\\+07 times their error std"),
+        ("three huge", "3 observations exceed 1e\\+07 times their error std"),
+    ],
+)
+def test_bad_values_fail_with_one_line(tmp_path, what, match):
+    """Infinite values and values of a fill or unit error (1e30) are refused when
+    their window is read, with one line naming the count and the first place."""
+    ds = _dataset()
+    obs = ds["obs"].values.copy()
+    if what == "inf":
+        obs[1, 2, 3] = np.inf
+    elif what == "all huge":
+        obs[np.isfinite(obs)] = 1e30
+    else:
+        obs[0, 0, 0] = obs[2, 0, 0] = obs[3, 0, 0] = 1e30
+    opened = open_observations(_write(tmp_path, ds.assign(obs=(ds["obs"].dims, obs))))
+    with pytest.raises(ObservationError, match=match) as info:
+        list(iter_windows(opened, 5))
+    assert "\n" not in str(info.value) and "time index" in str(info.value)
+
+
+def test_string_observations_are_refused(tmp_path):
+    ds = _dataset()
+    strings = np.full(ds["obs"].shape, "1.0", dtype=object)
+    path = tmp_path / "strings.nc"
+    ds.assign(obs=(ds["obs"].dims, strings)).to_netcdf(path)
+    with pytest.raises(ObservationError, match="'obs' must be numeric"):
+        open_observations(path)
+
+
+def test_quality_control_rejects_gross_errors_and_keeps_fronts():
+    """Three observations of 50 in a field of N(0, 1) values are rejected (and only
+    they); a front (two regimes 10 apart, 60/40) loses nothing."""
+    from assim import quality_control
+
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=(4, 50))
+    values[1, 3] = values[2, 7] = 50.0
+    values[3, 9] = -50.0
+    window = ObservationSet(
+        values, np.ones_like(values, bool), np.full_like(values, 0.5), np.arange(4.0)
+    )
+    checked, n = quality_control(window, 10.0)
+    assert n == 3
+    assert not checked.mask[1, 3] and not checked.mask[2, 7] and not checked.mask[3, 9]
+    assert int(checked.mask.sum()) == values.size - 3
+    front = np.where(np.arange(50) < 30, 0.0, 10.0) + 0.02 * rng.normal(size=(4, 50))
+    window = ObservationSet(
+        front, np.ones_like(front, bool), np.full_like(front, 0.02), np.arange(4.0)
+    )
+    assert quality_control(window, 10.0)[1] == 0
+    assert quality_control(window, None)[1] == 0
+    with pytest.raises(ValueError, match="gross-error factor"):
+        quality_control(window, -1.0)
+
+
+@pytest.mark.parametrize(
+    "split,length,match",
+    [
+        ([0, 0, 0, 1, 1, 2], 3, "varies inside 1 windows"),
+        ([0, 0, 5, 5, 1, 1], 2, r"got \[5\]"),
+    ],
+)
+def test_split_labels_whole_windows(split, length, match):
+    from assim._stream import window_labels
+
+    ds = _dataset(n_time=6)
+    good = ds.assign(split=("time", np.array([0, 0, 0, 1, 1, 1])))
+    np.testing.assert_array_equal(window_labels(good, 3), [0, 1])
+    with pytest.raises(ValueError, match=match):
+        window_labels(ds.assign(split=("time", np.array(split))), length)

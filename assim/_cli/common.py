@@ -12,16 +12,24 @@ from omegaconf import DictConfig
 log = logging.getLogger("assim")
 
 
-def run_app(name: str, cfg: DictConfig, body: Callable[[DictConfig], dict]):
+def run_app(
+    name: str,
+    cfg: DictConfig,
+    body: Callable[[DictConfig], dict],
+    settings: dict | None = None,
+):
     """Run a CLI body: float64 switch, joining a multi-host run (`distributed`),
-    one-line errors and exit code 2 on bad input."""
-    from assim import ObservationError, TrainingStopped
+    one-line errors and exit codes: 2 bad input or settings (`settings`: the
+    spec `check_settings` checks first), 3 a failed solve (nothing written), 4
+    some windows failed (the others written)."""
+    from assim import ObservationError, TrainingStopped, WindowsFailed
 
     # JAX logs at INFO that it found no TPU on every run: not the user's concern.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    if cfg.get("float64"):
-        jax.config.update("jax_enable_x64", True)
     try:
+        check_settings(cfg, settings or {})
+        if cfg.get("float64"):
+            jax.config.update("jax_enable_x64", True)
         distributed = cfg.get("distributed")
         if distributed is not None and distributed.enabled:
             from assim import initialize_distributed
@@ -32,7 +40,7 @@ def run_app(name: str, cfg: DictConfig, body: Callable[[DictConfig], dict]):
                 distributed.process_id,
             )
         metrics = body(cfg)
-    except (ObservationError, ValueError, TypeError, FileNotFoundError) as e:
+    except (ObservationError, ValueError, TypeError, OSError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
         log.error("%s", message)
         print(f"{name}: error: {message}", file=sys.stderr)
@@ -44,4 +52,142 @@ def run_app(name: str, cfg: DictConfig, body: Callable[[DictConfig], dict]):
         log.error("%s", message)
         print(f"{name}: solver error: {message}", file=sys.stderr)
         sys.exit(3)
+    except WindowsFailed as e:
+        log.error("%s", e)
+        print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(4)
     return metrics
+
+
+# What the CLIs check before any work: key -> (type, lowest, highest, nullable);
+# a bound is inclusive unless written as ("<", value). Keys a config does not have
+# (another method, another data source) are skipped.
+_COMMON = {
+    "seed": (int, None, None, False),
+    "float64": (bool, None, None, False),
+    "progress": (bool, None, None, False),
+    "gross_error_factor": (float, ("<", 0.0), None, True),
+    "data.max_windows": (int, 1, None, True),
+    "data.heldout_fraction": (float, 0.0, ("<", 1.0), False),
+    "data.chunk_times": (int, 1, None, False),
+    "twin.n_times": (int, 1, None, False),
+    "twin.observation_interval": (int, 1, None, False),
+    "twin.spinup_steps": (int, 0, None, False),
+    "twin.noise_std": (float, ("<", 0.0), None, False),
+    "twin.window_length": (int, 1, None, False),
+    "twin.initial_amplitude": (float, 0.0, None, False),
+    "twin.sensors.density": (float, ("<", 0.0), 1.0, False),
+    "twin.sensors.dropout": (float, 0.0, ("<", 1.0), False),
+}
+RUN_SETTINGS = {
+    **_COMMON,
+    "plot": (bool, None, None, False),
+    "scoring.burn_in": (int, 0, None, False),
+    "method.window_length": (int, 1, None, True),
+    "method.shift": (int, 1, None, True),
+    "method.batch_windows": (int, 1, None, False),
+    "method.cycle": (bool, None, None, False),
+    "method.cycle_parameters": (bool, None, None, False),
+    "method.analyser.max_steps": (int, 1, None, False),
+    "method.analyser.gradient_rtol": (float, ("<", 0.0), ("<", 1.0), True),
+    "method.analyser.solver.inner_steps": (int, 1, None, False),
+    "method.analyser.solver.rtol": (float, 0.0, None, False),
+    "method.analyser.solver.atol": (float, 0.0, None, False),
+}
+TRAIN_SETTINGS = {
+    **_COMMON,
+    "resume": (bool, None, None, False),
+    "network.window_length": (int, 1, None, True),
+    "training.steps": (int, 1, None, False),
+    "training.batch_size": (int, 1, None, False),
+    "training.learning_rate": (float, ("<", 0.0), None, False),
+    "training.parameter_learning_rate": (float, ("<", 0.0), None, True),
+    "training.warmup_steps": (int, 0, None, False),
+    "training.final_fraction": (float, 0.0, None, False),
+    "training.clip_norm": (float, ("<", 0.0), None, False),
+    "training.validate_every": (int, 0, None, False),
+    "training.checkpoint_every": (int, 0, None, False),
+    "training.cycle_every": (int, 0, None, False),
+}
+DATA_SETTINGS = {key: v for key, v in _COMMON.items() if key.startswith(("seed", "tw"))}
+DATA_SETTINGS["float64"] = _COMMON["float64"]
+
+
+def check_settings(cfg: DictConfig, spec: dict) -> None:
+    """Raise a one-line `ValueError` naming the key of the first setting in `spec`
+    of the wrong type (`seed=abc`, `float64=maybe`) or outside its range
+    (`data.heldout_fraction=1.5`, `method.analyser.max_steps=0`)."""
+    from omegaconf import OmegaConf
+
+    for key, (kind, low, high, nullable) in spec.items():
+        value = OmegaConf.select(cfg, key, default="__absent__")
+        if isinstance(value, str) and value == "__absent__":
+            continue
+        if value is None:
+            if nullable:
+                continue
+            raise ValueError(f"{key} must be set (got null)")
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise ValueError(
+                f"{key} must be {_KIND_NAMES[kind]}, got {value!r}"
+                + (" (true or false)" if kind is bool else "")
+            )
+        if not _within(value, low, high):
+            raise ValueError(f"{key} must be {_range_text(low, high)}, got {value!r}")
+
+
+_KIND_NAMES = {bool: "a boolean", int: "an integer", float: "a number"}
+
+
+def _within(value, low, high) -> bool:
+    if isinstance(low, tuple):
+        if not value > low[1]:
+            return False
+    elif low is not None and value < low:
+        return False
+    if isinstance(high, tuple):
+        return value < high[1]
+    return high is None or value <= high
+
+
+def _range_text(low, high) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"> {low[1]:g}" if isinstance(low, tuple) else f">= {low:g}")
+    if high is not None:
+        parts.append(f"< {high[1]:g}" if isinstance(high, tuple) else f"<= {high:g}")
+    return " and ".join(parts)
+
+
+def method_names() -> list[str]:
+    """The `method` configs shipped with the package (`configs/method/*.yaml`)."""
+    from importlib.resources import files
+
+    folder = files("assim.configs") / "method"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def check_writable(out, names=()) -> None:
+    """Refuse, before any compute, a run directory that cannot be written or an
+    existing output in it that cannot be replaced (one line naming the path)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test."):
+            pass
+    except OSError as e:
+        raise PermissionError(f"cannot write to the run directory {out}: {e}") from e
+    for name in names:
+        path = out / name
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} exists and is not writable")

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from assim._config import generate_twin
 
-from .common import log, run_app
+from .common import DATA_SETTINGS, log, run_app
 
 
 def _generate(cfg: DictConfig) -> dict:
@@ -33,7 +33,7 @@ def _generate(cfg: DictConfig) -> dict:
     version_base=None, config_path="pkg://assim.configs", config_name="generate"
 )
 def _main(cfg: DictConfig) -> None:
-    metrics = run_app("assim-data", cfg, _generate)
+    metrics = run_app("assim-data", cfg, _generate, DATA_SETTINGS)
     print(metrics["path"])
 
 

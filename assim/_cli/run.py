@@ -23,6 +23,7 @@ from assim import (
     AnalysisWriter,
     Climatology,
     Scores,
+    WindowsFailed,
     WindowStream,
     archive_files,
     assimilate,
@@ -31,6 +32,7 @@ from assim import (
     obs_mean_background,
     open_archive,
     open_observations,
+    quality_control,
 )
 from assim._config import (
     build_problem,
@@ -41,7 +43,7 @@ from assim._config import (
 from assim._io import write_json, write_netcdf
 from assim._observations import observation_interval, window_starts
 
-from .common import log, run_app
+from .common import RUN_SETTINGS, check_writable, log, method_names, run_app
 
 
 def open_data(cfg, grid, out):
@@ -66,6 +68,12 @@ def _assimilate(cfg: DictConfig) -> dict:
     out = Path(HydraConfig.get().runtime.output_dir)
     t_start = time.perf_counter()
     method = cfg.method
+    known = method_names()
+    if method.name not in known:
+        raise ValueError(
+            f"method.name {method.name!r} is not a method ({', '.join(known)})"
+        )
+    check_writable(out, ("analysis.nc", "metrics.json"))
     net, length = None, method.window_length
     if method.name == "unrolled":  # a trained network, with the simulator it knows
         net, problem, parameter, header = load_network(method.checkpoint)
@@ -96,7 +104,20 @@ def _assimilate(cfg: DictConfig) -> dict:
     stream = WindowStream(
         ds, length, stride=shift, windows=range(count), prefetch=2, dtype=dtype
     )
-    windows = (w.withhold(heldout) for w in stream)
+    rejected = []  # gross errors per window (quality control)
+
+    def checked(window):
+        window, n = quality_control(window, cfg.get("gross_error_factor"))
+        rejected.append(n)
+        if n:
+            log.warning(
+                "window at %s: %d observations rejected as gross errors",
+                float(window.times[0]),
+                n,
+            )
+        return window
+
+    windows = (checked(w.withhold(heldout)) for w in stream)
     windows = (w for w in windows if bool(w.mask.any()))
 
     bar = None
@@ -139,7 +160,9 @@ def _assimilate(cfg: DictConfig) -> dict:
     # window's and each later window's newest `shift`.
     times = length + (count - 1) * shift if shift else count * length
     try:
-        return _finish(cfg, ds, path, out, t_start, grid, parameter, results, times)
+        return _finish(
+            cfg, ds, path, out, t_start, grid, parameter, results, times, rejected
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -180,9 +203,11 @@ def _first_background(ds, length: int, method, problem):
     )
 
 
-def _finish(cfg, ds, path, out, t_start, grid, parameter, results, times):
+def _finish(cfg, ds, path, out, t_start, grid, parameter, results, times, rejected):
     """Write each window's result to `analysis.nc` as it comes and score it; then
-    `metrics.json` and the plots."""
+    `metrics.json` and the plots. Windows whose analysis failed (a non-finite cost,
+    a solver failure) are reported there and end the run with `WindowsFailed`
+    once everything is written."""
     method = cfg.method
     attrs = {
         "title": f"assim-run analysis: {method.name} on {cfg.simulator.name}",
@@ -221,7 +246,26 @@ def _finish(cfg, ds, path, out, t_start, grid, parameter, results, times):
             "scored_from_time_index": burn_in,
             **scores.metrics(),
             **_consistency(summaries, cfg.scoring),
+            "observations_rejected": int(sum(rejected)),
         }
+        failed = _failed_windows(summaries)
+        metrics["windows_failed"] = len(failed)
+        warnings = []
+        if failed:
+            metrics["failed_windows"] = failed
+            warnings.append(
+                f"{len(failed)} of {len(summaries)} windows failed (non-finite cost "
+                f"or solver failure), first window {failed[0]}"
+            )
+        if sum(rejected):
+            warnings.append(
+                f"{sum(rejected)} observations rejected as gross errors (further "
+                f"than gross_error_factor={cfg.get('gross_error_factor')} x (spread "
+                "+ error std) from their window's median)"
+            )
+        for warning in warnings:
+            log.warning(warning)
+        metrics["warnings"] += warnings
         parameters, estimated, history = {}, None, None
         if parameter is not None and last.theta is not None:
             history = np.stack(
@@ -246,7 +290,23 @@ def _finish(cfg, ds, path, out, t_start, grid, parameter, results, times):
     if cfg.plot and jax.process_index() == 0:  # the file only process 0 wrote
         _plot(ds, out, grid, scores, parameter, estimated, history, summaries)
     log.info("wrote %s", out)
+    if failed:
+        raise WindowsFailed(
+            f"{len(failed)} of {len(summaries)} windows failed (non-finite cost or "
+            f"solver failure; first: window {failed[0]}); the others are in {out}, "
+            "see metrics.json"
+        )
     return metrics
+
+
+def _failed_windows(summaries) -> list[int]:
+    """Indices of the windows whose analysis failed: a non-finite cost at the
+    background or the analysis, or a solver that reported a failure."""
+    return [
+        i
+        for i, r in enumerate(summaries)
+        if r.outcome in ("non_finite", "failed") or not np.all(np.isfinite(r.cost))
+    ]
 
 
 def _consistency(summaries, scoring) -> dict:
@@ -337,7 +397,7 @@ def _plot(ds, out, grid, scores, parameter, estimated, history, summaries):
 
 @hydra.main(version_base=None, config_path="pkg://assim.configs", config_name="run")
 def _main(cfg: DictConfig) -> None:
-    metrics = run_app("assim-run", cfg, _assimilate)
+    metrics = run_app("assim-run", cfg, _assimilate, RUN_SETTINGS)
     shown = {k: v for k, v in metrics.items() if k not in ("method",)}
     print(OmegaConf.to_yaml(OmegaConf.create(shown)))
 

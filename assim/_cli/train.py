@@ -19,7 +19,7 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from assim import train, windows_batch
+from assim import quality_control, train, windows_batch
 from assim._config import (
     build_network,
     build_simulator,
@@ -28,23 +28,37 @@ from assim._config import (
 )
 from assim._stream import split_windows, stream_windows, window_labels
 
-from .common import log, run_app
+from .common import TRAIN_SETTINGS, check_writable, log, run_app
 from .run import open_data
 
 
 def _train(cfg: DictConfig) -> dict:
     out = Path(HydraConfig.get().runtime.output_dir)
+    checkpoint = Path(cfg.checkpoint)
+    if not checkpoint.is_absolute():
+        checkpoint = out / checkpoint
+    if cfg.resume and not checkpoint.is_file():
+        raise FileNotFoundError(f"resume=true but there is no checkpoint {checkpoint}")
+    check_writable(out, (checkpoint.name, Path(cfg.log).name))
     simulator, _ = build_simulator(cfg.simulator)
     grid = simulator.model.grid
     dtype = jnp.zeros(()).dtype
     ds, _, interval = open_data(cfg, grid, out)
     length = int(cfg.network.window_length or ds.attrs.get("window_length", 10))
-    numbers = None
+    numbers, rejected = None, 0
     if cfg.data.get("stream"):
         data, validation = stream_windows(ds, length, cfg.data.max_windows, dtype, grid)
         first = data.batch(range(min(len(data), 16)))
     else:
         groups = split_windows(ds, length, dtype)
+        factor = cfg.get("gross_error_factor")
+        checked = {
+            k: [quality_control(w, factor) for w in v] for k, v in groups.items()
+        }
+        groups = {k: [w for w, _ in v] for k, v in checked.items()}
+        rejected = sum(n for v in checked.values() for _, n in v)
+        if rejected:
+            log.warning("%d observations rejected as gross errors", rejected)
         if not groups[0]:
             raise ValueError("the observation file has no training window")
         labels = window_labels(ds, length)
@@ -121,6 +135,7 @@ def _train(cfg: DictConfig) -> dict:
         "steps": settings.steps,
         "train_windows": data.size,
         "validation_windows": 0 if validation is None else validation.size,
+        "observations_rejected": rejected,
         "final_loss": records[-1]["loss"] if records else None,
         "validation": next(
             (r["validation"] for r in reversed(records) if "validation" in r), None
@@ -142,7 +157,7 @@ def _train(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base=None, config_path="pkg://assim.configs", config_name="train")
 def _main(cfg: DictConfig) -> None:
-    summary = run_app("assim-train", cfg, _train)
+    summary = run_app("assim-train", cfg, _train, TRAIN_SETTINGS)
     print(OmegaConf.to_yaml(OmegaConf.create(summary)))
 
 

@@ -1,0 +1,131 @@
+"""Settings are checked before any work: the wrong type or range of a key is one
+line naming the key; the CLIs refuse unknown methods, a resume without checkpoint
+and failed windows with their exit codes."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_module
+
+from assim._cli.common import (
+    RUN_SETTINGS,
+    TRAIN_SETTINGS,
+    check_settings,
+    method_names,
+)
+from assim._cli.run import _failed_windows
+
+
+def _compose(name, *overrides):
+    with initialize_config_module("assim.configs", version_base=None):
+        return compose(name, overrides=list(overrides))
+
+
+def test_the_shipped_configs_pass():
+    check_settings(_compose("run"), RUN_SETTINGS)
+    check_settings(_compose("train"), TRAIN_SETTINGS)
+    for method in method_names():
+        check_settings(_compose("run", f"method={method}"), RUN_SETTINGS)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("seed=abc", "seed must be an integer, got 'abc'"),
+        ("float64=maybe", r"float64 must be a boolean, got 'maybe' \(true or false\)"),
+        ("method.analyser.max_steps=0", "method.analyser.max_steps must be >= 1"),
+        ("method.analyser.max_steps=abc", "method.analyser.max_steps must be an int"),
+        ("method.analyser.solver.inner_steps=0", "inner_steps must be >= 1, got 0"),
+        ("method.window_length=0", "method.window_length must be >= 1, got 0"),
+        ("data.max_windows=two", "data.max_windows must be an integer, got 'two'"),
+        ("data.heldout_fraction=1.5", r"heldout_fraction must be >= 0 and < 1"),
+        ("data.heldout_fraction=-0.1", r"heldout_fraction must be >= 0 and < 1"),
+        ("scoring.burn_in=-1", "scoring.burn_in must be >= 0"),
+        ("gross_error_factor=0", "gross_error_factor must be > 0"),
+    ],
+)
+def test_bad_run_settings_name_the_key(override, match):
+    with pytest.raises(ValueError, match=match) as info:
+        check_settings(_compose("run", override), RUN_SETTINGS)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("training.steps=0", "training.steps must be >= 1"),
+        ("training.learning_rate=-1", "training.learning_rate must be > 0"),
+        ("resume=yes", "resume must be a boolean"),
+        ("training.cycle_every=-2", "training.cycle_every must be >= 0"),
+    ],
+)
+def test_bad_train_settings_name_the_key(override, match):
+    with pytest.raises(ValueError, match=match):
+        check_settings(_compose("train", override), TRAIN_SETTINGS)
+
+
+class _Result:
+    def __init__(self, outcome, cost):
+        self.outcome, self.cost = outcome, np.asarray(cost)
+
+
+def test_failed_windows_are_the_non_finite_and_failed_ones():
+    results = [
+        _Result("converged", [2.0, 1.0]),
+        _Result("max_steps", [2.0, np.nan]),
+        _Result("failed", [2.0, 1.5]),
+        _Result("fixed_steps", [np.inf, 1.0]),
+        _Result("non_finite", [2.0, 1.9]),
+    ]
+    assert _failed_windows(results) == [1, 2, 3, 4]
+
+
+def _cli(module, tmp_path, *overrides):
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            f"assim._cli.{module}",
+            f"hydra.run.dir={tmp_path}",
+            "progress=false",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+
+
+def test_cli_refusals_exit_2_before_any_work(tmp_path):
+    """An unknown method, a setting of the wrong type and a resume without a
+    checkpoint: exit code 2, one line, nothing written."""
+    cases = [
+        ("run", ["method.name=foo"], "method.name 'foo' is not a method"),
+        ("run", ["seed=abc"], "seed must be an integer"),
+        ("train", ["resume=true"], "resume=true but there is no checkpoint"),
+    ]
+    for module, overrides, message in cases:
+        run = _cli(module, tmp_path, *overrides)
+        assert run.returncode == 2, run.stderr
+        errors = [line for line in run.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1 and message in errors[0], run.stderr
+    written = {p.name for p in tmp_path.iterdir()} - {".hydra", "_run.log"}
+    assert not {"analysis.nc", "metrics.json", "checkpoint.eqx"} & written
+
+
+def test_cli_exit_4_when_windows_fail(capsys):
+    """A run whose windows failed (the others written) exits 4 with one line."""
+    from assim import WindowsFailed
+    from assim._cli import common
+
+    def body(cfg):
+        raise WindowsFailed("2 of 4 windows failed (first: window 1)")
+
+    with pytest.raises(SystemExit) as info:
+        common.run_app("assim-run", _compose("run"), body, RUN_SETTINGS)
+    assert info.value.code == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["assim-run: error: 2 of 4 windows failed (first: window 1)"]
