@@ -251,6 +251,7 @@ def generate_twin(sim_cfg: DictConfig, twin_cfg: DictConfig, seed: int):
         noise_std=float(twin_cfg.noise_std),
         attrs=attrs,
         extra=extra,
+        time_units=str(twin_cfg.get("time_units") or "model time units"),
     )
 
 

@@ -44,7 +44,7 @@ def open_observations(path, *, grid: Grid | None = None) -> xr.Dataset:
     if not path.exists():
         raise ObservationError(f"observation file not found: {path}")
     try:
-        ds = xr.open_dataset(path, engine="netcdf4")
+        ds = xr.open_dataset(path, engine="netcdf4", decode_times=False)
     except Exception as e:  # netCDF4 / HDF5 errors are not one class
         raise ObservationError(f"cannot read {path} as NetCDF: {e}") from e
     validate_dataset(ds, grid=grid, name=str(path))
@@ -66,6 +66,21 @@ def validate_dataset(ds: xr.Dataset, *, grid: Grid | None = None, name="dataset"
             raise ObservationError(f"{name}: missing coordinate '{coord}'")
         if coord != "time" and "units" not in ds[coord].attrs:
             raise ObservationError(f"{name}: coordinate '{coord}' has no units")
+    units = str(ds["time"].attrs.get("units", ""))
+    if " since " in units:  # CF time: "<unit> since <reference date>"
+        unit, reference = units.split(" since ", 1)
+        if unit.strip().lower() not in _TIME_UNITS:
+            raise ObservationError(
+                f"{name}: time units {units!r}: unknown unit {unit.strip()!r}"
+            )
+        try:
+            import cftime
+
+            cftime.num2date(0, units, ds["time"].attrs.get("calendar", "standard"))
+        except Exception as e:  # cftime raises ValueError or its own errors
+            raise ObservationError(
+                f"{name}: time units {units!r} cannot be read as a CF date ({e})"
+            ) from e
     time = ds["time"].values
     if time.size == 0:
         raise ObservationError(f"{name}: no observation times")
@@ -231,8 +246,9 @@ class ObservationSet(eqx.Module):
         cls, ds: xr.Dataset, time=slice(None), *, name="window", origin=None
     ) -> "ObservationSet":
         """Read the window `ds.isel(time=time)` (only that slice is read from disk).
-        Decoded (datetime) times become seconds since `origin` (default: the first
-        time of `ds`).
+        Its `times` are counted from `origin` (default: the first time of `ds`) in
+        the file's time units (`time_values`), so that they keep their precision
+        in float32 whatever the reference date (`seconds since 1970-01-01`).
 
         **Raises:** `ObservationError` when the window has no observation, or when
         `obs_error_std` is non-positive or non-finite where a sensor reported.
@@ -266,18 +282,51 @@ class ObservationSet(eqx.Module):
             if not np.all(np.isfinite(truth)):
                 raise ObservationError(f"{name}: 'truth' has non-finite values")
             truth = jnp.asarray(truth)
-        time_values = window["time"].values
-        if np.issubdtype(time_values.dtype, np.datetime64):
-            # Decoded CF times: seconds since the first time of the file.
-            origin = ds["time"].values[0] if origin is None else origin
-            time_values = (time_values - origin) / np.timedelta64(1, "s")
+        origin = time_values(ds)[0] if origin is None else origin
         return cls(
             values=jnp.asarray(np.where(mask, obs, 0.0)),
             mask=jnp.asarray(mask),
             error_std=jnp.asarray(np.where(mask, std, 1.0)),
-            times=jnp.asarray(np.asarray(time_values, dtype=np.float64)),
+            times=jnp.asarray(time_values(window) - origin),
             truth=truth,
         )
+
+
+_TIME_UNITS = {
+    "days": "D",
+    "day": "D",
+    "d": "D",
+    "hours": "h",
+    "hour": "h",
+    "h": "h",
+    "minutes": "m",
+    "minute": "m",
+    "min": "m",
+    "seconds": "s",
+    "second": "s",
+    "s": "s",
+    "milliseconds": "ms",
+    "microseconds": "us",
+}
+
+
+def time_values(ds: xr.Dataset) -> np.ndarray:
+    """The dataset's times as float64 numbers in its time units: a file opened by
+    `open_observations` keeps CF times (`hours since 2000-01-01`, any calendar) as
+    the numbers stored (not decoded), so that the simulator's `dt` is in those
+    units; times that xarray decoded to dates are turned back into numbers of the
+    unit of their encoding (seconds without one), counted from the first."""
+    values = ds["time"].values
+    if np.issubdtype(values.dtype, np.datetime64):
+        units = str(ds["time"].encoding.get("units", "seconds since"))
+        unit = _TIME_UNITS.get(units.split(" since ")[0].strip().lower(), "s")
+        return (values - values[0]) / np.timedelta64(1, unit)
+    if values.dtype == object:  # cftime dates
+        raise ObservationError(
+            "time holds decoded calendar dates: open the file with "
+            "assim.open_observations (times stay numbers in their units)"
+        )
+    return np.asarray(values, dtype=np.float64)
 
 
 def window_starts(ds: xr.Dataset, length: int, stride: int | None = None) -> list:
@@ -308,7 +357,7 @@ def iter_windows(ds: xr.Dataset, length: int, *, stride: int | None = None):
 def observation_interval(ds: xr.Dataset, dt: float) -> int:
     """Model steps of size `dt` between the dataset's observation times (evenly
     spaced, a whole number of steps apart)."""
-    times = np.asarray(ds["time"].values, dtype=np.float64)
+    times = time_values(ds)
     if times.size < 2:
         return 1
     spacing = np.diff(times)

@@ -20,6 +20,7 @@ from ._observations import (
     ObservationError,
     ObservationSet,
     open_observations,
+    time_values,
     validate_dataset,
     window_starts,
 )
@@ -49,6 +50,7 @@ def _signature(ds: xr.Dataset) -> dict:
     axis (e.g. a scalar `obs_error_std`, a true parameter field)."""
     spatial = ds["obs"].dims[1:]
     return {
+        "time_units": str(ds["time"].attrs.get("units", "")),
         "variables": {name: ds[name].dims for name in sorted(map(str, ds.data_vars))},
         "grid": {d: np.asarray(ds[d].values) for d in spatial},
         "constants": {
@@ -61,6 +63,8 @@ def _signature(ds: xr.Dataset) -> dict:
 
 def _disagreement(a: dict, b: dict) -> str | None:
     """How signature `b` differs from `a`, or `None`."""
+    if a["time_units"] != b["time_units"]:
+        return f"time units {b['time_units']!r} differ from {a['time_units']!r}"
     if a["variables"] != b["variables"]:
         return f"variables {b['variables']} differ from {a['variables']}"
     for d, coords in a["grid"].items():
@@ -131,6 +135,7 @@ def open_archive(
         compat="override",
         chunks={"time": int(chunk_times)},
         parallel=False,
+        decode_times=False,
     )
     validate_dataset(combined, grid=grid, name=f"archive of {len(files)} files")
     # For `WindowStream`: a window is read from its file(s) directly, since computing
@@ -146,7 +151,9 @@ class _ArchiveFiles:
     from the one or two files that hold it."""
 
     def __init__(self, files: list[str], counts: list[int]):
-        self.datasets = [xr.open_dataset(f, engine="netcdf4") for f in files]
+        self.datasets = [
+            xr.open_dataset(f, engine="netcdf4", decode_times=False) for f in files
+        ]
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
 
     def slice(self, start: int, stop: int) -> xr.Dataset:
@@ -266,7 +273,7 @@ class WindowStream:
             self.files = _ArchiveFiles(
                 ds.encoding["archive_files"], ds.encoding["archive_counts"]
             )
-        self.origin = ds["time"].values[0]
+        self.origin = time_values(ds)[0]
 
     def __len__(self) -> int:
         return len(self.starts)

@@ -164,14 +164,19 @@ def twin_dataset(
     noise_std: float,
     attrs: dict,
     extra: dict | None = None,
+    time_units: str = "model time units",
 ) -> xr.Dataset:
     """The observation file (DESIGN.md contract, CF-1.8) of a twin experiment.
+    `time_units`: e.g. `hours since 2000-01-01` (the model's time unit is then
+    the hour: times are written as the model's).
 
     `extra`: `{name: (dims, values, attrs)}` for evaluation-only variables (the hidden
     true parameters), written next to `truth`.
     """
     n = twin.truth.shape[0]
-    names, coords = cf_coords(grid, np.arange(n) * dt * observation_interval)
+    names, coords = cf_coords(
+        grid, np.arange(n) * dt * observation_interval, time_units
+    )
     dims = ("time", *names)
     data = {
         "obs": (

@@ -69,13 +69,15 @@ def _window_coordinate(n: int):
     return ("window", np.arange(n), {"long_name": "assimilation window index"})
 
 
-def _window_variables(results: list[WindowResult], time_units: str) -> dict:
+def _window_variables(
+    results: list[WindowResult], time_units: str, time_origin: float = 0.0
+) -> dict:
     """`{name: (dims, values, attrs)}` of the per-window diagnostics and the
     NaN-padded cost / gradient-norm histories (the states are not read)."""
     data = {
         "window_start_time": (
             "window",
-            np.array([r.times[0] for r in results]),
+            np.array([float(r.times[0]) + time_origin for r in results]),
             {"units": time_units},
         )
     }
@@ -129,7 +131,10 @@ class AnalysisWriter:
     `close` adds the per-window diagnostics and the parameters and renames the
     file to `path`. The layout is `analysis_dataset`'s. On an error (or `abort`)
     the temporary file is removed, so `path` is never half-written. In a
-    multi-host run only the first process writes.
+    multi-host run only the first process writes. `time_units` and `time_origin`:
+    the observation file's time units and first time (window times are counted
+    from it: `ObservationSet.from_dataset`), so that `analysis.nc` carries the
+    file's times (`hours since 2000-01-01`, ...).
 
     ```python
     with AnalysisWriter(path, grid=grid) as writer:
@@ -146,11 +151,15 @@ class AnalysisWriter:
         grid,
         attrs: dict | None = None,
         time_units: str = "model time units",
+        time_origin: float = 0.0,
+        time_calendar: str | None = None,
     ):
         self.path = Path(path)
         self.grid = grid
         self.attrs = {"Conventions": "CF-1.8", **(attrs or {})}
         self.time_units = time_units
+        self.time_origin = float(time_origin)
+        self.time_calendar = time_calendar
         self.summaries: list[WindowResult] = []  # per-window, without the states
         self.times = 0
         self._nc = None
@@ -176,6 +185,8 @@ class AnalysisWriter:
         nc.createDimension("time", None)
         for axis, name in enumerate(names):
             nc.createDimension(name, self.grid.shape[axis])
+        if self.time_calendar is not None:
+            coords["time"][2]["calendar"] = self.time_calendar
         for name, (dims, values, var_attrs) in coords.items():
             _put(nc, name, (dims,), values, var_attrs)
         for key, var_attrs in _STATES.items():
@@ -196,7 +207,8 @@ class AnalysisWriter:
         with NETCDF4_PYTHON_LOCK:
             if self._nc is None:
                 self._open(result)
-            self._nc["time"][span] = np.asarray(result.times, np.float64)
+            times = np.asarray(result.times, np.float64) + self.time_origin
+            self._nc["time"][span] = times
             for key in _STATES:
                 self._nc[key][span] = getattr(result, key)
         self.times = span.stop
@@ -210,7 +222,7 @@ class AnalysisWriter:
             return self.path
         nc = self._nc
         try:
-            data = _window_variables(self.summaries, self.time_units)
+            data = _window_variables(self.summaries, self.time_units, self.time_origin)
             data.update(_parameter_variables(parameters, self._names))
             with NETCDF4_PYTHON_LOCK:
                 nc.createDimension("window", len(self.summaries))

@@ -84,11 +84,14 @@ _SMALL_1D = [
 
 
 def test_data_then_run_end_to_end(tmp_path):
+    """`assim-data` then `assim-run` on its file, with a CF datetime axis (days
+    since a date: the model's time unit is the day) that `analysis.nc` keeps."""
     gen = _app(
         "data",
         tmp_path,
         *_SMALL_1D,
         "twin.sensors.pattern=stations",
+        "twin.time_units='days since 2000-01-01'",
         "float64=true",
         "output=obs.nc",
     )
@@ -115,6 +118,9 @@ def test_data_then_run_end_to_end(tmp_path):
         run_dir=tmp_path / "run",
     )
     assert run.returncode == 0, run.stderr
+    analysis = xr.open_dataset(tmp_path / "run" / "analysis.nc")  # dates decoded
+    np.testing.assert_array_equal(analysis["time"].values, ds["time"].values)
+    assert str(analysis["time"].values[0]).startswith("2000-01-01")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for key in (
         "rmse_obs_heldout",
@@ -289,6 +295,7 @@ TINY_L96_TWIN = [
     "twin.sensors.density=0.5",
     "twin.sensors.dropout=0.0",
     "twin.truth.missing_term.kind=none",
+    "twin.time_units='hours since 2000-01-01 00:00'",  # a CF datetime axis
 ]
 
 

@@ -226,3 +226,69 @@ def test_split_labels_whole_windows(split, length, match):
     np.testing.assert_array_equal(window_labels(good, 3), [0, 1])
     with pytest.raises(ValueError, match=match):
         window_labels(ds.assign(split=("time", np.array(split))), length)
+
+
+def test_datetime_axes_keep_their_units_and_precision(tmp_path):
+    """CF times far from their reference (`seconds since 1970-01-01`, 1.7e9 s)
+    stay numbers in the file's units: windows count from the first time (exact
+    in float32), the interval is in those units, and `analysis.nc` gets the
+    file's times back exactly; units that are not a CF date are refused."""
+    import jax.numpy as jnp
+
+    from assim import AnalysisWriter
+    from assim._cycle import WindowResult
+    from assim._observations import observation_interval, time_values
+
+    ds = _dataset()
+    start = 1.7e9 + 0.25
+    times = start + np.arange(5) * 0.5
+    ds = ds.assign_coords(
+        time=(
+            "time",
+            times,
+            {"units": "seconds since 1970-01-01", "calendar": "gregorian"},
+        )
+    )
+    opened = open_observations(_write(tmp_path, ds))
+    np.testing.assert_array_equal(time_values(opened), times)
+    assert observation_interval(opened, 0.25) == 2
+    windows = list(iter_windows(opened, 5))
+    assert windows[0].times.dtype == jnp.float32 or True
+    np.testing.assert_array_equal(
+        np.asarray(windows[0].times, np.float32), np.arange(5) * 0.5
+    )
+    result = WindowResult(
+        times=np.asarray(windows[0].times),
+        analysis=np.zeros((5, *GRID.shape)),
+        background=np.zeros((5, *GRID.shape)),
+        theta=None,
+        steps=1,
+        outcome="converged",
+        cost=np.ones(2),
+        grad_norm=np.ones(2),
+        cost_history=np.ones(2),
+        grad_norm_history=np.ones(2),
+        diagnostics={},
+    )
+    path = tmp_path / "analysis.nc"
+    with AnalysisWriter(
+        path,
+        grid=GRID,
+        time_units="seconds since 1970-01-01",
+        time_origin=float(time_values(opened)[0]),
+        time_calendar="gregorian",
+    ) as writer:
+        writer.append(result)
+        writer.close()
+    written = xr.open_dataset(path, decode_times=False)
+    np.testing.assert_array_equal(written["time"].values, times)
+    assert written["time"].attrs["calendar"] == "gregorian"
+    assert written["window_start_time"].values[0] == start
+    bad = ds.assign_coords(
+        time=("time", times, {"units": "fortnights since 2000-01-01"})
+    )
+    with pytest.raises(ObservationError, match="unknown unit 'fortnights'"):
+        open_observations(_write(tmp_path, bad, "bad.nc"))
+    bad = ds.assign_coords(time=("time", times, {"units": "days since the dawn"}))
+    with pytest.raises(ObservationError, match="cannot be read as a CF date"):
+        open_observations(_write(tmp_path, bad, "bad2.nc"))

@@ -41,7 +41,7 @@ from assim._config import (
     load_network,
 )
 from assim._io import write_json, write_netcdf
-from assim._observations import observation_interval, window_starts
+from assim._observations import observation_interval, time_values, window_starts
 
 from .common import RUN_SETTINGS, check_writable, log, method_names, run_app
 
@@ -225,6 +225,8 @@ def _finish(cfg, ds, path, out, t_start, grid, parameter, results, times, reject
         grid=grid,
         attrs=attrs,
         time_units=ds["time"].attrs.get("units", "model time units"),
+        time_origin=float(time_values(ds)[0]),
+        time_calendar=ds["time"].attrs.get("calendar"),
     )
     with writer:
         last = None
