@@ -76,7 +76,8 @@ def validate_dataset(ds: xr.Dataset, *, grid: Grid | None = None, name="dataset"
         try:
             import cftime
 
-            cftime.num2date(0, units, ds["time"].attrs.get("calendar", "standard"))
+            calendar = ds["time"].attrs.get("calendar", "standard")
+            cftime.num2date(0, _cftime_units(0, units)[1], calendar)
         except Exception as e:  # cftime raises ValueError or its own errors
             raise ObservationError(
                 f"{name}: time units {units!r} cannot be read as a CF date ({e})"
@@ -307,7 +308,44 @@ _TIME_UNITS = {
     "s": "s",
     "milliseconds": "ms",
     "microseconds": "us",
+    "nanoseconds": "ns",
 }
+
+
+# Units cftime does not read, as (seconds per unit).
+_SUBSECOND = {"milliseconds": 1e-3, "microseconds": 1e-6, "nanoseconds": 1e-9}
+
+
+def _cftime_units(values, units: str):
+    """`(values, units)` that cftime reads: sub-second units (xarray writes
+    `nanoseconds since ...`) as seconds."""
+    unit, reference = units.split(" since ", 1)
+    factor = _SUBSECOND.get(unit.strip().lower())
+    if factor is None:
+        return values, units
+    return values * factor, f"seconds since {reference}"
+
+
+def in_time_units(ds: xr.Dataset, units: str, calendar: str | None) -> xr.Dataset:
+    """`ds` with its (undecoded) time numbers converted to CF `units` (e.g. a file
+    of `hours since 2000-01-02` in an archive counted in `hours since
+    2000-01-01`); unchanged when the units agree. Non-CF units must agree."""
+    own = str(ds["time"].attrs.get("units", ""))
+    own_calendar = ds["time"].attrs.get("calendar", "standard")
+    if own == units:
+        return ds
+    if " since " not in own or " since " not in units:
+        raise ObservationError(f"time units {own!r} differ from {units!r}")
+    import cftime
+
+    values, own_seconds = _cftime_units(np.asarray(ds["time"].values), own)
+    dates = cftime.num2date(values, own_seconds, own_calendar)
+    scale, target = _cftime_units(1.0, units)
+    numbers = cftime.date2num(dates, target, calendar or own_calendar) / scale
+    attrs = {**ds["time"].attrs, "units": units}
+    if calendar is not None:
+        attrs["calendar"] = calendar
+    return ds.assign_coords(time=("time", np.asarray(numbers, np.float64), attrs))
 
 
 def time_values(ds: xr.Dataset) -> np.ndarray:

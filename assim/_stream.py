@@ -19,6 +19,7 @@ from ._batch import Batch, windows_batch
 from ._observations import (
     ObservationError,
     ObservationSet,
+    in_time_units,
     open_observations,
     time_values,
     validate_dataset,
@@ -50,7 +51,6 @@ def _signature(ds: xr.Dataset) -> dict:
     axis (e.g. a scalar `obs_error_std`, a true parameter field)."""
     spatial = ds["obs"].dims[1:]
     return {
-        "time_units": str(ds["time"].attrs.get("units", "")),
         "variables": {name: ds[name].dims for name in sorted(map(str, ds.data_vars))},
         "grid": {d: np.asarray(ds[d].values) for d in spatial},
         "constants": {
@@ -63,8 +63,6 @@ def _signature(ds: xr.Dataset) -> dict:
 
 def _disagreement(a: dict, b: dict) -> str | None:
     """How signature `b` differs from `a`, or `None`."""
-    if a["time_units"] != b["time_units"]:
-        return f"time units {b['time_units']!r} differ from {a['time_units']!r}"
     if a["variables"] != b["variables"]:
         return f"variables {b['variables']} differ from {a['variables']}"
     for d, coords in a["grid"].items():
@@ -103,10 +101,18 @@ def open_archive(
     **Raises:** `ObservationError` naming the first file that disagrees and how.
     """
     files = archive_files(paths)
-    first = previous_end = None
-    counts = []
+    first = previous_end = units = None
+    counts, all_times = [], []
     for path in files:
         with open_observations(path, grid=grid) as ds:
+            if units is None:
+                units = ds["time"].attrs.get("units", "")
+                calendar = ds["time"].attrs.get("calendar")
+            try:  # counted in the first file's time units
+                ds = in_time_units(ds, units, calendar)
+            except ObservationError as e:
+                message = f"{path}: {e} (the archive's first file's)"
+                raise ObservationError(message) from e
             signature = _signature(ds)
             times = ds["time"].values
             if first is None:
@@ -125,6 +131,7 @@ def open_archive(
                     )
             previous_end = times[-1]
             counts.append(times.size)
+            all_times.append(np.asarray(times, np.float64))
     combined = xr.open_mfdataset(
         [str(p) for p in files],
         engine="netcdf4",
@@ -136,6 +143,10 @@ def open_archive(
         chunks={"time": int(chunk_times)},
         parallel=False,
         decode_times=False,
+    )
+    time_attrs = {**combined["time"].attrs, "units": units}
+    combined = combined.assign_coords(
+        time=("time", np.concatenate(all_times), time_attrs)
     )
     validate_dataset(combined, grid=grid, name=f"archive of {len(files)} files")
     # For `WindowStream`: a window is read from its file(s) directly, since computing
@@ -150,9 +161,14 @@ class _ArchiveFiles:
     """The files of an archive, opened lazily without dask: a time slice is read
     from the one or two files that hold it."""
 
-    def __init__(self, files: list[str], counts: list[int]):
+    def __init__(self, files: list[str], counts: list[int], units: str, calendar):
         self.datasets = [
-            xr.open_dataset(f, engine="netcdf4", decode_times=False) for f in files
+            in_time_units(
+                xr.open_dataset(f, engine="netcdf4", decode_times=False),
+                units,
+                calendar,
+            )
+            for f in files
         ]
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
 
@@ -271,7 +287,10 @@ class WindowStream:
         self.files = None
         if "archive_files" in ds.encoding:  # from open_archive
             self.files = _ArchiveFiles(
-                ds.encoding["archive_files"], ds.encoding["archive_counts"]
+                ds.encoding["archive_files"],
+                ds.encoding["archive_counts"],
+                ds["time"].attrs.get("units", ""),
+                ds["time"].attrs.get("calendar"),
             )
         self.origin = time_values(ds)[0]
 

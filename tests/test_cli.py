@@ -280,7 +280,7 @@ def test_run_bad_input_fails_cleanly(tmp_path):
     assert "does not match the simulator grid" in grid.stderr
     assert not (tmp_path / "metrics.json").exists()
     bad = _app("data", tmp_path, "twin.noise_std=-1", "output=x.nc")
-    assert bad.returncode == 2 and "noise_std must be positive" in bad.stderr
+    assert bad.returncode == 2 and "twin.noise_std must be > 0" in bad.stderr
     assert not (tmp_path / "x.nc").exists()
 
 

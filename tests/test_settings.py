@@ -2,6 +2,7 @@
 line naming the key; the CLIs refuse unknown methods, a resume without checkpoint
 and failed windows with their exit codes."""
 
+import os
 import subprocess
 import sys
 
@@ -129,3 +130,39 @@ def test_cli_exit_4_when_windows_fail(capsys):
     assert info.value.code == 4
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["assim-run: error: 2 of 4 windows failed (first: window 1)"]
+
+
+def _lock(directory):
+    from omegaconf import OmegaConf
+
+    from assim._cli.common import RunDirectoryLock
+
+    lock = RunDirectoryLock()
+    cfg = {"hydra": {"run": {"dir": str(directory)}, "job": {"name": "run"}}}
+    lock.on_run_start(OmegaConf.create(cfg))
+    return lock
+
+
+def test_run_directory_lock_refuses_a_second_run_and_cleans_leftovers(tmp_path):
+    """While a run holds its directory, a second `assim-run` into it exits 2 with
+    one line before hydra writes anything there; a new holder removes the
+    temporary files a killed run left (and nothing else)."""
+    stale = [
+        ".analysis.nc.k3j2h1g0",
+        ".checkpoint.eqx.ab_cd123",
+        ".metrics.json.x1y2z3w4",
+    ]
+    for name in [*stale, ".keep.txt", "analysis.nc"]:
+        (tmp_path / name).write_text("x")
+    holder = _lock(tmp_path)
+    assert not any((tmp_path / name).exists() for name in stale)
+    assert (tmp_path / ".keep.txt").exists() and (tmp_path / "analysis.nc").exists()
+    second = _cli("run", tmp_path)
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines() == [
+        f"assim-run: error: the run directory {tmp_path} is in use by assim pid "
+        f"{os.getpid()}: give this run another hydra.run.dir"
+    ]
+    assert not (tmp_path / ".hydra").exists()
+    holder._file.close()  # the first run ends: the directory is free again
+    _lock(tmp_path)._file.close()

@@ -2,11 +2,15 @@
 and exit codes. Everything they build comes from `assim._config`."""
 
 import logging
+import os
+import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import equinox as eqx
 import jax
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 log = logging.getLogger("assim")
@@ -191,3 +195,52 @@ def check_writable(out, names=()) -> None:
         path = out / name
         if path.exists() and not os.access(path, os.W_OK):
             raise PermissionError(f"{path} exists and is not writable")
+
+
+# Temporary files of the atomic writes (`.analysis.nc.k3j2h1g0`, from mkstemp):
+# left by a killed run, removed by the next run that holds the directory's lock.
+_STALE = re.compile(r"^\.[^/]+\.(nc|json|jsonl|eqx|png)\.[A-Za-z0-9_]{8}$")
+
+
+class RunDirectoryLock(Callback):
+    """A hydra callback (`hydra.callbacks` of each app's config) that, before hydra
+    writes anything into the run directory, takes an exclusive lock on it
+    (`.assim.lock`, `fcntl.flock`: released by the system when the process ends,
+    even killed), refuses a second run into the same directory with one line and
+    exit code 2, and removes the temporary files a killed run left there. Not in
+    a multi-host run (`distributed.enabled`: the processes share the directory)."""
+
+    def __init__(self):
+        self._file = None
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        if config.get("distributed") is not None and config.distributed.enabled:
+            return
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return
+        out = Path(str(config.hydra.run.dir))
+        app = f"assim-{config.hydra.job.name}"  # the module: run, train, data
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".assim.lock", "a+")  # noqa: SIM115 (held until exit)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            owner = lock.read().strip() or "another process"
+            lock.close()
+            print(
+                f"{app}: error: the run directory {out} is in use by {owner}: give "
+                "this run another hydra.run.dir",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"assim pid {os.getpid()}\n")
+        lock.flush()
+        self._file = lock
+        for path in out.iterdir():
+            if _STALE.match(path.name):
+                path.unlink(missing_ok=True)
