@@ -20,6 +20,9 @@ def test_every_project_config_target_is_allowed():
     targets = set()
     for path in glob.glob(str(CONFIGS / "**" / "*.yaml"), recursive=True):
         targets.update(re.findall(r"_target_:\s*([\w.]+)", Path(path).read_text()))
+    # The apps' hydra callbacks are built by hydra from the packaged configs (the
+    # `hydra:` section), never from a checkpoint's header.
+    targets -= {"assim._cli.common.RunDirectoryLock"}
     assert len(targets) > 20
     for target in targets:
         _check_target(target)
