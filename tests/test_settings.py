@@ -29,6 +29,8 @@ def test_the_shipped_configs_pass():
     check_settings(_compose("train"), TRAIN_SETTINGS)
     for method in method_names():
         check_settings(_compose("run", f"method={method}"), RUN_SETTINGS)
+    for simulator in ("lorenz96", "ks", "burgers1d", "navier_stokes2d"):
+        check_settings(_compose("run", f"simulator={simulator}"), RUN_SETTINGS)
 
 
 @pytest.mark.parametrize(
@@ -45,6 +47,14 @@ def test_the_shipped_configs_pass():
         ("data.heldout_fraction=-0.1", r"heldout_fraction must be >= 0 and < 1"),
         ("scoring.burn_in=-1", "scoring.burn_in must be >= 0"),
         ("gross_error_factor=0", "gross_error_factor must be > 0"),
+        (
+            "simulator.background_covariance.std=big",
+            "simulator.background_covariance.std must be a number, got 'big'",
+        ),
+        (
+            "simulator.background_covariance.length_fraction=2",
+            "length_fraction must be > 0 and <= 1",
+        ),
     ],
 )
 def test_bad_run_settings_name_the_key(override, match):

@@ -83,6 +83,18 @@ _COMMON = {
     "twin.sensors.density": (float, ("<", 0.0), 1.0, False),
     "twin.sensors.dropout": (float, 0.0, ("<", 1.0), False),
 }
+for _where in ("simulator.background_covariance", "problem.background_covariance"):
+    _COMMON.update(
+        {
+            f"{_where}.std": (float, ("<", 0.0), None, False),
+            f"{_where}.scale": (float, ("<", 0.0), None, False),
+            f"{_where}.length_fraction": (float, ("<", 0.0), 1.0, False),
+            f"{_where}.length_scale": (float, ("<", 0.0), None, False),
+            f"{_where}.samples": (int, 2, None, False),
+            f"{_where}.interval_steps": (int, 1, None, False),
+            f"{_where}.spinup_steps": (int, 0, None, False),
+        }
+    )
 RUN_SETTINGS = {
     **_COMMON,
     "plot": (bool, None, None, False),
