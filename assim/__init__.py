@@ -39,6 +39,7 @@ from ._covariance import DiffusionCovariance as DiffusionCovariance
 from ._covariance import ScaledCovariance as ScaledCovariance
 from ._covariance import SpectralCovariance as SpectralCovariance
 from ._covariance import climatological_covariance as climatological_covariance
+from ._cycle import ForecastFailed as ForecastFailed
 from ._cycle import WindowResult as WindowResult
 from ._cycle import WindowsFailed as WindowsFailed
 from ._cycle import analyse_window as analyse_window

@@ -22,6 +22,21 @@ from ._parallel import map_windows
 from ._problem import WindowProblem
 
 
+class ForecastFailed(RuntimeError):
+    """A window's analysis could not be forecast (the model blew up from it), so
+    cycling cannot go on."""
+
+
+def check_forecast(forecast, index: int) -> None:
+    """Refuse a non-finite forecast (the next window's background) on the host."""
+    if not np.all(np.isfinite(np.asarray(forecast))):
+        raise ForecastFailed(
+            f"window {index}: the forecast from its analysis became non-finite: the "
+            "model blew up from this analysis (a background or step far outside "
+            "the model's range), or the time step is too long for the scheme"
+        )
+
+
 class WindowsFailed(RuntimeError):
     """Some windows' analyses failed (a non-finite cost, a solver failure); the
     others were written. The message says how many and which first."""
@@ -85,7 +100,10 @@ def analyse_window(
     if adaptation is not None:
         problem, window = adaptation.apply(problem, window, state)
     analysis, info = analyser(problem, window, background)
-    model = analyser.model_problem(problem)
+    # The reported trajectories and the forecast do not raise inside the program
+    # (a raising check is a host callback, and JAX never caches a program with
+    # one): a non-finite forecast is refused on the host (`check_forecast`).
+    model = analyser.model_problem(problem).tolerating_blow_up()
     n = window.n_times
     start = model.initial_control(window, background)
     first = model.trajectory(model.analysis(start, background), n)
@@ -258,6 +276,7 @@ def cycle(
             window = _newest(window, shift)
         out = analyse(analyser, problem, window, background, adaptation, state, shift)
         yield _result(window, out, new)
+        check_forecast(out["forecast"], done)
         done += 1
         background, state = out["forecast"], out["adaptation"]
         theta = out["analysis"].theta

@@ -110,7 +110,7 @@ class Simulator(eqx.Module):
                 f"every must be a positive divisor of n_steps {n_steps}, got {every}"
             )
         n_steps, every = int(n_steps), int(every)
-        u0 = self.model.check_state(u0)
+        u0 = self.model.check_state(u0, finite=self.check_finite)
 
         scheme = self.scheme
         if not self.check_finite and self.newton_krylov is not None:

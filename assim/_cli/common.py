@@ -26,7 +26,7 @@ def run_app(
     one-line errors and exit codes: 2 bad input or settings (`settings`: the
     spec `check_settings` checks first), 3 a failed solve (nothing written), 4
     some windows failed (the others written)."""
-    from assim import ObservationError, TrainingStopped, WindowsFailed
+    from assim import ForecastFailed, ObservationError, TrainingStopped, WindowsFailed
 
     # JAX logs at INFO that it found no TPU on every run: not the user's concern.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
@@ -34,6 +34,7 @@ def run_app(
         check_settings(cfg, settings or {})
         if cfg.get("float64"):
             jax.config.update("jax_enable_x64", True)
+        use_compilation_cache(cfg.get("compilation_cache"))
         distributed = cfg.get("distributed")
         if distributed is not None and distributed.enabled:
             from assim import initialize_distributed
@@ -55,6 +56,10 @@ def run_app(
         message = error_summary(e)
         log.error("%s", message)
         print(f"{name}: solver error: {message}", file=sys.stderr)
+        sys.exit(3)
+    except ForecastFailed as e:
+        log.error("%s", e)
+        print(f"{name}: solver error: {e}", file=sys.stderr)
         sys.exit(3)
     except WindowsFailed as e:
         log.error("%s", e)
@@ -179,6 +184,77 @@ def _range_text(low, high) -> str:
     if high is not None:
         parts.append(f"< {high[1]:g}" if isinstance(high, tuple) else f"<= {high:g}")
     return " and ".join(parts)
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/assim/jax` (default `~/.cache/assim/jax`)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "assim" / "jax"
+
+
+def use_compilation_cache(cache) -> None:
+    """JAX's persistent compilation cache for this process (`compilation_cache`
+    config: `enabled`, `dir`, `min_compile_time_s`), set before the first
+    compilation: a later identical run loads its programs instead of compiling
+    them. JAX caches only programs that took at least
+    `jax_persistent_cache_min_compile_time_secs` to compile (default 1 s, which
+    leaves out the many small programs of a run, and with them most of its
+    compile time) and whose entry is at least
+    `jax_persistent_cache_min_entry_size_bytes`: both are lowered here (0 s,
+    0 bytes). Compile (or cache load) times are counted by `CompileStats`."""
+    COMPILE_STATS.listen()
+    if cache is None or not cache.get("enabled", True):
+        return
+    directory = Path(cache.dir) if cache.get("dir") else default_cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update(
+        "jax_persistent_cache_min_compile_time_secs",
+        float(cache.get("min_compile_time_s", 0.0)),
+    )
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    COMPILE_STATS.directory = str(directory)
+
+
+class CompileStats:
+    """Seconds JAX spent compiling or loading programs from the persistent cache
+    (`/jax/core/compile/backend_compile_duration`), programs compiled, and cache
+    hits, counted through `jax.monitoring` for `metrics.json`."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.programs = 0
+        self.cache_hits = 0
+        self.directory = None
+        self._listening = False
+
+    def listen(self) -> None:
+        if self._listening:
+            return
+        self._listening = True
+
+        def duration(event: str, seconds: float, **kwargs) -> None:
+            if event == "/jax/core/compile/backend_compile_duration":
+                self.seconds += seconds
+                self.programs += 1
+
+        def count(event: str, **kwargs) -> None:
+            if event == "/jax/compilation_cache/cache_hits":
+                self.cache_hits += 1
+
+        jax.monitoring.register_event_duration_secs_listener(duration)
+        jax.monitoring.register_event_listener(count)
+
+    def summary(self) -> dict:
+        return {
+            "compile_s": self.seconds,
+            "programs": self.programs,
+            "cache_hits": self.cache_hits,
+            "cache_dir": self.directory,
+        }
+
+
+COMPILE_STATS = CompileStats()
 
 
 def method_names() -> list[str]:

@@ -43,7 +43,14 @@ from assim._config import (
 from assim._io import write_json, write_netcdf
 from assim._observations import observation_interval, time_values, window_starts
 
-from .common import RUN_SETTINGS, check_writable, log, method_names, run_app
+from .common import (
+    COMPILE_STATS,
+    RUN_SETTINGS,
+    check_writable,
+    log,
+    method_names,
+    run_app,
+)
 
 
 def open_data(cfg, grid, out):
@@ -249,6 +256,7 @@ def _finish(cfg, ds, path, out, t_start, grid, parameter, results, times, reject
             **scores.metrics(),
             **_consistency(summaries, cfg.scoring),
             "observations_rejected": int(sum(rejected)),
+            "compilation": COMPILE_STATS.summary(),
         }
         failed = _failed_windows(summaries)
         metrics["windows_failed"] = len(failed)

@@ -28,7 +28,7 @@ from assim._config import (
 )
 from assim._stream import split_windows, stream_windows, window_labels
 
-from .common import TRAIN_SETTINGS, check_writable, log, run_app
+from .common import COMPILE_STATS, TRAIN_SETTINGS, check_writable, log, run_app
 from .run import open_data
 
 
@@ -141,6 +141,7 @@ def _train(cfg: DictConfig) -> dict:
             (r["validation"] for r in reversed(records) if "validation" in r), None
         ),
         "wall_time_s": time.perf_counter() - t0,
+        "compilation": COMPILE_STATS.summary(),
     }
     if parameter is not None:
         value = np.asarray(parameter.value(trained.theta))
