@@ -282,6 +282,21 @@ def test_run_bad_input_fails_cleanly(tmp_path):
     bad = _app("data", tmp_path, "twin.noise_std=-1", "output=x.nc")
     assert bad.returncode == 2 and "twin.noise_std must be > 0" in bad.stderr
     assert not (tmp_path / "x.nc").exists()
+    # Three fill values (1e30) among the bundled observations: refused, one line.
+    from assim import bundled_dataset
+
+    ds = xr.open_dataset(bundled_dataset())
+    obs = ds["obs"].values.copy()
+    observed = np.argwhere(np.isfinite(obs))
+    for t, y, x in observed[[0, 5, 9]]:
+        obs[t, y, x] = 1e30
+    ds.assign(obs=(ds["obs"].dims, obs)).to_netcdf(tmp_path / "fill.nc")
+    fill = _app("run", tmp_path, "data=file", f"data.path={tmp_path / 'fill.nc'}")
+    assert fill.returncode == 2, fill.stderr
+    errors = [line for line in fill.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "exceed 1e+07 times their error std" in errors[0]
+    assert not (tmp_path / "metrics.json").exists()
+    assert not (tmp_path / "analysis.nc").exists()
 
 
 # A tiny Lorenz-96 twin experiment for the training apps: 2 windows of 4 times.

@@ -213,3 +213,27 @@ def test_compilation_cache_persists_programs(tmp_path):
         jax.config.update("jax_compilation_cache_dir", saved[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
         compilation_cache.reset_cache()
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, monkeypatch):
+    """A run directory that cannot be written, or an existing output that cannot
+    be replaced, is refused with one line naming the path (`os.access` stands in
+    for the permissions: the tests may run as root, who may write anything)."""
+    import os as os_module
+
+    from assim._cli.common import check_writable
+
+    (tmp_path / "analysis.nc").write_text("old")
+    check_writable(tmp_path, ("analysis.nc",))
+    real = os_module.access
+    monkeypatch.setattr(
+        os_module,
+        "access",
+        lambda path, mode: False if str(path).endswith(".nc") else real(path, mode),
+    )
+    with pytest.raises(PermissionError, match="analysis.nc exists and is not writable"):
+        check_writable(tmp_path, ("analysis.nc",))
+    target = tmp_path / "file-not-dir"
+    target.write_text("x")
+    with pytest.raises(PermissionError, match="cannot write to the run directory"):
+        check_writable(target / "run")
