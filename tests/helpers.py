@@ -232,3 +232,23 @@ def minimise(
         OUTCOMES[int(info.outcome)],
     )
     return control, summary
+
+
+def plain_result(times, states):
+    """A `WindowResult` of one converged step with `states` as analysis and
+    background and no diagnostics (for writer tests)."""
+    from assim._cycle import WindowResult
+
+    return WindowResult(
+        times=np.asarray(times),
+        analysis=states,
+        background=states,
+        theta=None,
+        steps=1,
+        outcome="converged",
+        cost=np.ones(2),
+        grad_norm=np.ones(2),
+        cost_history=np.ones(2),
+        grad_norm_history=np.ones(2),
+        diagnostics={},
+    )

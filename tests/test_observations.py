@@ -234,9 +234,9 @@ def test_datetime_axes_keep_their_units_and_precision(tmp_path):
     in float32), the interval is in those units, and `analysis.nc` gets the
     file's times back exactly; units that are not a CF date are refused."""
     import jax.numpy as jnp
+    from helpers import plain_result
 
     from assim import AnalysisWriter
-    from assim._cycle import WindowResult
     from assim._observations import observation_interval, time_values
 
     ds = _dataset()
@@ -257,19 +257,7 @@ def test_datetime_axes_keep_their_units_and_precision(tmp_path):
     np.testing.assert_array_equal(
         np.asarray(windows[0].times, np.float32), np.arange(5) * 0.5
     )
-    result = WindowResult(
-        times=np.asarray(windows[0].times),
-        analysis=np.zeros((5, *GRID.shape)),
-        background=np.zeros((5, *GRID.shape)),
-        theta=None,
-        steps=1,
-        outcome="converged",
-        cost=np.ones(2),
-        grad_norm=np.ones(2),
-        cost_history=np.ones(2),
-        grad_norm_history=np.ones(2),
-        diagnostics={},
-    )
+    result = plain_result(windows[0].times, np.zeros((5, *GRID.shape)))
     path = tmp_path / "analysis.nc"
     with AnalysisWriter(
         path,

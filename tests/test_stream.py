@@ -9,7 +9,7 @@ import equinox as eqx
 import numpy as np
 import pytest
 import xarray as xr
-from helpers import l96_twin_windows, tiny_l96_net, tree_allclose
+from helpers import l96_twin_windows, plain_result, tiny_l96_net, tree_allclose
 
 from assim import (
     ObservationError,
@@ -187,7 +187,7 @@ def test_analysis_written_while_windows_are_read_on_another_thread(tmp_path):
     the prefetch thread reads windows through xarray (without the shared lock this
     failed at once with 'NetCDF: HDF error')."""
     import simulators as sim
-    from assim import AnalysisWriter, WindowResult
+    from assim import AnalysisWriter
 
     n = 16
     rng = np.random.default_rng(0)
@@ -213,21 +213,7 @@ def test_analysis_written_while_windows_are_read_on_another_thread(tmp_path):
         with AnalysisWriter(tmp_path / "a.nc", grid=sim.Grid((n, n), (1.0, 1.0))) as w:
             for i in range(300):
                 state = rng.random((10, n, n), dtype=np.float32)
-                w.append(
-                    WindowResult(
-                        times=10.0 * i + np.arange(10),
-                        analysis=state,
-                        background=state,
-                        theta=None,
-                        steps=1,
-                        outcome="converged",
-                        cost=np.ones(2),
-                        grad_norm=np.ones(2),
-                        cost_history=np.ones(2),
-                        grad_norm_history=np.ones(2),
-                        diagnostics={},
-                    )
-                )
+                w.append(plain_result(10.0 * i + np.arange(10), state))
             w.close()
     finally:
         stop.set()
