@@ -192,10 +192,35 @@ def _implicit_root(solver, linear_solver, max_steps: int, args, throw: bool = Tr
         whatever `throw` says). The primal is NaN then: a cost built on it is
         infinite and a line search backs off."""
 
-        def solve(z, vector):
+        def lineax_solve(z, vector):
             operator = lx.JacobianLinearOperator(residual, z, dyn)
             operator = operator.T if transpose else operator
             return lx.linear_solve(operator, vector, linear_solver, throw=throw).value
+
+        def solve(z, vector):
+            if transpose:
+                return lineax_solve(z, vector)
+            # The tangent solve as `lax.custom_linear_solve`, whose transpose (the
+            # adjoint solve of reverse mode) is the transposed lineax solve below,
+            # with `throw` as configured: lineax's own transpose rule always
+            # raises on failure, through a host callback, and JAX never caches a
+            # compiled program that holds one.
+            structure = jax.eval_shape(lambda: vector)
+
+            def matvec(v):
+                return jax.jvp(lambda zz: residual(zz, dyn), (z,), (v,))[1]
+
+            def forward(mv, b):
+                operator = lx.FunctionLinearOperator(mv, structure)
+                return lx.linear_solve(operator, b, linear_solver, throw=throw).value
+
+            def backward(vm, b):
+                operator = lx.FunctionLinearOperator(vm, structure)
+                return lx.linear_solve(operator, b, linear_solver, throw=throw).value
+
+            return jax.lax.custom_linear_solve(
+                matvec, vector, forward, transpose_solve=backward
+            )
 
         if throw:
             return solve(z, vector)
