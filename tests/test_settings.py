@@ -181,9 +181,7 @@ def test_run_directory_lock_refuses_a_second_run_and_cleans_leftovers(tmp_path):
 def test_compilation_cache_persists_programs(tmp_path):
     """`compilation_cache` sends every program (no minimum compile time) to the
     cache directory, and a later compilation of the same program is a cache hit,
-    both counted for `metrics.json`. (The window programs of `assim-run` are not
-    cached yet: lineax's transposed solves raise through host callbacks, which JAX
-    never persists.)"""
+    both counted for `metrics.json`."""
     import jax
     import jax.numpy as jnp
     from jax._src import compilation_cache

@@ -393,3 +393,27 @@ def test_lbfgs_backs_off_from_a_trial_step_that_blows_up():
     analysis = problem.analysis(control, background)
     error = jnp.sqrt(jnp.mean((problem.trajectory(analysis, 10) - states) ** 2))
     assert float(error) < 0.15 * float(jnp.sqrt(jnp.mean((background - states) ** 2)))
+
+
+def test_window_program_holds_no_host_callback():
+    """The main job's window (incremental 4D-Var through Newton-Krylov implicit
+    stages, the diffusivity field estimated, B's scale adapted) compiles to a
+    program with no host callback: JAX's persistent cache never stores one that
+    has any, so a raising check inside it (equinox `error_if`, lineax's transpose
+    of a solve) would make every `assim-run` compile its windows again."""
+    from hydra import compose, initialize_config_module
+
+    from assim import WindowStream, analyse_window, bundled_dataset, open_observations
+    from assim._config import build_problem, instantiate_trusted
+
+    with initialize_config_module("assim.configs", version_base=None):
+        cfg = compose("run")
+    problem, _ = build_problem(cfg.simulator, cfg.problem, 5)
+    ds = open_observations(bundled_dataset(), grid=problem.simulator.model.grid)
+    window = next(iter(WindowStream(ds, 10, prefetch=0)))
+    analyser = instantiate_trusted(cfg.method.analyser)
+    adaptation = instantiate_trusted(cfg.method.adaptation)
+    lowered = jax.jit(
+        lambda w, b, s: analyse_window(analyser, problem, w, b, adaptation, s)
+    ).lower(window, jnp.zeros(ds["obs"].shape[1:]), adaptation.init())
+    assert "callback" not in lowered.as_text()
