@@ -235,3 +235,20 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path, monkeypatch):
     target.write_text("x")
     with pytest.raises(PermissionError, match="cannot write to the run directory"):
         check_writable(target / "run")
+
+
+def test_an_unwritable_cache_directory_only_disables_the_cache(tmp_path, caplog):
+    """A cache directory that cannot be made (a read-only home in CI) costs the
+    cache, not the run."""
+    import jax
+    from omegaconf import OmegaConf
+
+    from assim._cli.common import use_compilation_cache
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where the cache directory's parent should be
+    before = jax.config.jax_compilation_cache_dir
+    settings = {"enabled": True, "dir": str(blocker / "c")}
+    use_compilation_cache(OmegaConf.create(settings))
+    assert jax.config.jax_compilation_cache_dir == before
+    assert "no compilation cache" in caplog.text

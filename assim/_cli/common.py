@@ -206,7 +206,11 @@ def use_compilation_cache(cache) -> None:
     if cache is None or not cache.get("enabled", True):
         return
     directory = Path(cache.dir) if cache.get("dir") else default_cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. a read-only home: run without the cache
+        log.warning("no compilation cache (%s): compiling everything", e)
+        return
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update(
         "jax_persistent_cache_min_compile_time_secs",
@@ -268,9 +272,7 @@ def method_names() -> list[str]:
 def check_writable(out, names=()) -> None:
     """Refuse, before any compute, a run directory that cannot be written or an
     existing output in it that cannot be replaced (one line naming the path)."""
-    import os
     import tempfile
-    from pathlib import Path
 
     out = Path(out)
     try:
