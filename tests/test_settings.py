@@ -136,7 +136,9 @@ def test_cli_exit_4_when_windows_fail(capsys):
         raise WindowsFailed("2 of 4 windows failed (first: window 1)")
 
     with pytest.raises(SystemExit) as info:
-        common.run_app("assim-run", _compose("run"), body, RUN_SETTINGS)
+        # no persistent cache in the test process (the CLIs' subprocesses use it)
+        cfg = _compose("run", "compilation_cache.enabled=false")
+        common.run_app("assim-run", cfg, body, RUN_SETTINGS)
     assert info.value.code == 4
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["assim-run: error: 2 of 4 windows failed (first: window 1)"]
