@@ -68,10 +68,10 @@ def validate_dataset(ds: xr.Dataset, *, grid: Grid | None = None, name="dataset"
             raise ObservationError(f"{name}: coordinate '{coord}' has no units")
     units = str(ds["time"].attrs.get("units", ""))
     if " since " in units:  # CF time: "<unit> since <reference date>"
-        unit, reference = units.split(" since ", 1)
-        if unit.strip().lower() not in _TIME_UNITS:
+        if _unit_word(units) not in _TIME_UNITS:
             raise ObservationError(
-                f"{name}: time units {units!r}: unknown unit {unit.strip()!r}"
+                f"{name}: time units {units!r}: unknown unit "
+                f"{units.split(' since ')[0].strip()!r}"
             )
         try:
             import cftime
@@ -316,14 +316,18 @@ _TIME_UNITS = {
 _SUBSECOND = {"milliseconds": 1e-3, "microseconds": 1e-6, "nanoseconds": 1e-9}
 
 
+def _unit_word(units: str) -> str:
+    """The unit of CF time `units` (`"hours since 2000-01-01"` -> `"hours"`)."""
+    return units.split(" since ")[0].strip().lower()
+
+
 def _cftime_units(values, units: str):
     """`(values, units)` that cftime reads: sub-second units (xarray writes
     `nanoseconds since ...`) as seconds."""
-    unit, reference = units.split(" since ", 1)
-    factor = _SUBSECOND.get(unit.strip().lower())
+    factor = _SUBSECOND.get(_unit_word(units))
     if factor is None:
         return values, units
-    return values * factor, f"seconds since {reference}"
+    return values * factor, f"seconds since {units.split(' since ', 1)[1]}"
 
 
 def in_time_units(ds: xr.Dataset, units: str, calendar: str | None) -> xr.Dataset:
@@ -357,7 +361,7 @@ def time_values(ds: xr.Dataset) -> np.ndarray:
     values = ds["time"].values
     if np.issubdtype(values.dtype, np.datetime64):
         units = str(ds["time"].encoding.get("units", "seconds since"))
-        unit = _TIME_UNITS.get(units.split(" since ")[0].strip().lower(), "s")
+        unit = _TIME_UNITS.get(_unit_word(units), "s")
         return (values - values[0]) / np.timedelta64(1, unit)
     if values.dtype == object:  # cftime dates
         raise ObservationError(

@@ -5,6 +5,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,16 +51,17 @@ def run_app(
         log.error("%s", message)
         print(f"{name}: error: {message}", file=sys.stderr)
         sys.exit(2)
-    except (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError, TrainingStopped) as e:
+    except (
+        eqx.EquinoxRuntimeError,
+        jax.errors.JaxRuntimeError,
+        TrainingStopped,
+        ForecastFailed,
+    ) as e:
         from assim._train import error_summary
 
         message = error_summary(e)
         log.error("%s", message)
         print(f"{name}: solver error: {message}", file=sys.stderr)
-        sys.exit(3)
-    except ForecastFailed as e:
-        log.error("%s", e)
-        print(f"{name}: solver error: {e}", file=sys.stderr)
         sys.exit(3)
     except WindowsFailed as e:
         log.error("%s", e)
@@ -130,8 +132,11 @@ TRAIN_SETTINGS = {
     "training.checkpoint_every": (int, 0, None, False),
     "training.cycle_every": (int, 0, None, False),
 }
-DATA_SETTINGS = {key: v for key, v in _COMMON.items() if key.startswith(("seed", "tw"))}
-DATA_SETTINGS["float64"] = _COMMON["float64"]
+DATA_SETTINGS = {
+    key: v
+    for key, v in _COMMON.items()
+    if key in ("seed", "float64") or key.startswith("twin.")
+}
 
 
 def check_settings(cfg: DictConfig, spec: dict) -> None:
@@ -272,8 +277,6 @@ def method_names() -> list[str]:
 def check_writable(out, names=()) -> None:
     """Refuse, before any compute, a run directory that cannot be written or an
     existing output in it that cannot be replaced (one line naming the path)."""
-    import tempfile
-
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
