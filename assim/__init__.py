@@ -12,7 +12,9 @@
   estimation; `incremental` Gauss-Newton or any optimistix solver), `NoUpdate`
   (the background: climatology, free run), `UnrolledVar`
   (unrolled variational networks), `BilevelVar` (4D-Var with implicit
-  hypergradients).
+  hypergradients), ensemble filters (`EnKF`, `ETKF`, `LETKF`, whose background is
+  an `Ensemble`) and hybrid ensemble-variational 4D-Var (`HybridEnVar` with a
+  `HybridCovariance`).
 - Running them: `cycle` (cycled windows, sliding windows, error scales adapted
   from innovations by `InnovationAdaptation`) and `assimilate` (independent
   windows, batched over devices), `Scores`, `AnalysisWriter` (NetCDF).
@@ -45,6 +47,16 @@ from ._cycle import WindowsFailed as WindowsFailed
 from ._cycle import analyse_window as analyse_window
 from ._cycle import assimilate as assimilate
 from ._cycle import cycle as cycle
+from ._ensemble import ETKF as ETKF
+from ._ensemble import LETKF as LETKF
+from ._ensemble import AbstractEnsembleAnalyser as AbstractEnsembleAnalyser
+from ._ensemble import AbstractEnsembleFilter as AbstractEnsembleFilter
+from ._ensemble import EnKF as EnKF
+from ._ensemble import Ensemble as Ensemble
+from ._ensemble import HybridCovariance as HybridCovariance
+from ._ensemble import HybridEnVar as HybridEnVar
+from ._ensemble import gaspari_cohn as gaspari_cohn
+from ._ensemble import gaspari_cohn_correlation as gaspari_cohn_correlation
 from ._losses import AbstractLoss as AbstractLoss
 from ._losses import Cost as Cost
 from ._losses import Evidence as Evidence

@@ -4,6 +4,7 @@ and the climatology of a model (its mean and covariance from a free run)."""
 import abc
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
@@ -28,6 +29,12 @@ class AbstractCovariance(eqx.Module):
     def whiten(self, x: Array) -> Array:
         """`S^{-1} x`: the control `v` of an increment `x = S v`, so that
         `|x|^2_{B^-1} = |S^{-1} x|^2` (the background term of the cost at a state)."""
+
+    def zeros_control(self, x: Array):
+        """The control of a zero increment to the state `x` (`v = 0`): an array of
+        the state's shape, or the pytree of an extended control (e.g.
+        `HybridCovariance`'s)."""
+        return jnp.zeros_like(x)
 
     def apply(self, x: Array) -> Array:
         """`B x = S S^T x`."""
@@ -233,10 +240,13 @@ class ScaledCovariance(AbstractCovariance):
         return self.scale * self.covariance.sqrt(v)
 
     def sqrt_transpose(self, x):
-        return self.scale * self.covariance.sqrt_transpose(x)
+        return jax.tree.map(lambda v: self.scale * v, self.covariance.sqrt_transpose(x))
 
     def whiten(self, x):
-        return self.covariance.whiten(x) / self.scale
+        return jax.tree.map(lambda v: v / self.scale, self.covariance.whiten(x))
+
+    def zeros_control(self, x):
+        return self.covariance.zeros_control(x)
 
 
 class Climatology(eqx.Module):

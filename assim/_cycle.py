@@ -16,6 +16,7 @@ from jaxtyping import Array
 from ._adaptive import AdaptationState, InnovationAdaptation
 from ._analyser import AbstractAnalyser, outcome_name
 from ._batch import Batch
+from ._ensemble import AbstractEnsembleAnalyser, Ensemble
 from ._metrics import innovation_statistics, rmse
 from ._observations import ObservationSet
 from ._parallel import map_windows
@@ -28,8 +29,10 @@ class ForecastFailed(RuntimeError):
 
 
 def check_forecast(forecast, index: int) -> None:
-    """Refuse a non-finite forecast (the next window's background) on the host."""
-    if not np.all(np.isfinite(np.asarray(forecast))):
+    """Refuse a non-finite forecast (the next window's background, a state or an
+    `Ensemble`) on the host."""
+    states = forecast.members if isinstance(forecast, Ensemble) else forecast
+    if not np.all(np.isfinite(np.asarray(states))):
         raise ForecastFailed(
             f"window {index}: the forecast from its analysis became non-finite: the "
             "model blew up from this analysis (a background or step far outside "
@@ -59,6 +62,8 @@ class WindowResult:
     - `diagnostics`: scalars: innovation statistics of the background, RMSEs against
       the truth when the window has one.
     - `window`: the window's observations (with any withheld for scoring).
+    - `spread`: an ensemble analyser's spread (members' std) at those times, else
+      `None`.
     """
 
     times: np.ndarray
@@ -73,6 +78,7 @@ class WindowResult:
     grad_norm_history: np.ndarray
     diagnostics: dict
     window: ObservationSet | None = None
+    spread: np.ndarray | None = None
 
     @property
     def converged(self) -> bool:
@@ -95,7 +101,16 @@ def analyse_window(
     after the window's start, default the time after its last). With
     `adaptation`, the window is analysed with the error scales of `state` (the
     adaptation's so far), and the state updated by the window's statistics is
-    returned as `"adaptation"`."""
+    returned as `"adaptation"`. An ensemble analyser's background is an
+    `Ensemble`; its report adds the analysis spread (`"spread"`) and its forecast
+    is the next window's ensemble."""
+    if isinstance(analyser, AbstractEnsembleAnalyser):
+        if adaptation is not None or shift is not None:
+            raise ValueError(
+                "ensemble analysers cycle consecutive windows with their own "
+                "inflation: no shift (sliding windows) and no adaptation"
+            )
+        return analyser.analyse_window(problem, window, background)
     base_window = window
     if adaptation is not None:
         problem, window = adaptation.apply(problem, window, state)
@@ -146,6 +161,7 @@ def _result(window: ObservationSet, out: dict, new: int | None = None) -> Window
     window = jax.tree.map(np.asarray, window)
     assimilated = int(window.mask.sum())
     first, trajectory = out["first"], out["trajectory"]
+    spread = out.get("spread")
     if new is not None and new < window.n_times:
         keep = slice(window.n_times - new, None)
         first, trajectory = first[keep], trajectory[keep]
@@ -160,6 +176,10 @@ def _result(window: ObservationSet, out: dict, new: int | None = None) -> Window
     # 2 J(x_a) / p: the chi-square of the innovations against HBH^T + R, which is
     # 1 on average when B and R are right (Talagrand, ECMWF 1999).
     diagnostics["chi2_normalised_analysis"] = 2 * float(cost[1]) / max(assimilated, 1)
+    if "chi2" in out:  # an ensemble filter: d^T (H P_f H^T + R)^-1 d, same mean
+        diagnostics["chi2_normalised_analysis"] = float(out["chi2"]) / max(
+            assimilated, 1
+        )
     state = out["adaptation"]
     if state is not None:
         diagnostics["background_error_scale"] = float(
@@ -188,6 +208,7 @@ def _result(window: ObservationSet, out: dict, new: int | None = None) -> Window
         grad_norm_history=history[1],
         diagnostics=diagnostics,
         window=window,
+        spread=spread,
     )
 
 
@@ -261,9 +282,21 @@ def cycle(
         raise ValueError(f"shift must be at least 1, got {shift}")
     analyse = eqx.filter_jit(analyse_window)
     state = None if adaptation is None else adaptation.init()
+    ensemble = isinstance(analyser, AbstractEnsembleAnalyser)
+    if ensemble != isinstance(background, Ensemble):
+        raise ValueError(
+            "an ensemble analyser needs an assim.Ensemble as background (and only "
+            f"it does); got {type(background).__name__} for "
+            f"{type(analyser).__name__}"
+        )
     # A strongly typed copy: a weakly typed first background (`jnp.full(shape,
     # 0.5)`) would compile the window a second time for the forecasts.
-    background = jnp.asarray(np.asarray(background))
+    if ensemble:
+        background = eqx.tree_at(
+            lambda e: e.members, background, jnp.asarray(background.members)
+        )
+    else:
+        background = jnp.asarray(np.asarray(background))
     done = 0
     for window in windows:
         new = None
@@ -307,6 +340,11 @@ def assimilate(
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if isinstance(analyser, AbstractEnsembleAnalyser):
+        raise ValueError(
+            f"{type(analyser).__name__} is an ensemble method: its windows are "
+            "cycled (assim.cycle; method.cycle=true), not independent"
+        )
     windows = iter(windows)
     done = 0
     while chunk := list(itertools.islice(windows, batch_size)):

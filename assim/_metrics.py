@@ -155,6 +155,7 @@ class Scores:
         self.snapshot_times = set(int(t) for t in snapshot_times)
         self.snapshots: dict[int, np.ndarray] = {}
         self.series = defaultdict(list)  # RMSE per observation time
+        self.desroziers = defaultdict(float)
 
     def add(self, result) -> None:
         """Score one window's result (its `window` holds the observations, the
@@ -180,6 +181,10 @@ class Scores:
         self.rms["background_obs_assimilated"].add(predicted_b - values, used_scored)
         self.rms["obs_heldout"].add(predicted - values, held_scored)
         self.rms["background_obs_heldout"].add(predicted_b - values, held_scored)
+        self._add_desroziers(values, predicted, predicted_b, window, used_scored)
+        if result.spread is not None:
+            spread = np.asarray(result.spread, np.float64)
+            self.rms["spread"].add(spread, scored_state)
         for k in range(len(result.times)):
             if self.times + k in self.snapshot_times:
                 self.snapshots[self.times + k] = self._snapshot(result, k)
@@ -209,6 +214,47 @@ class Scores:
                 else tuple(a + b for a, b in zip(self.spectra, spectra, strict=True))
             )
 
+    def _add_desroziers(self, values, predicted, predicted_b, window, used) -> None:
+        """Sums for the Desroziers et al. (Q. J. R. Meteorol. Soc. 131, 2005)
+        consistency checks over the assimilated observations: `E[d_oa d_ob] = R`,
+        `E[d_ab d_ob] = H B H^T` (diagonals, averaged), with `d_ob = y - H x_b`,
+        `d_oa = y - H x_a`, `d_ab = H x_a - H x_b`."""
+        std = np.broadcast_to(np.asarray(window.error_std, np.float64), used.shape)
+        d_ob, d_oa = (values - predicted_b)[used], (values - predicted)[used]
+        d_ab = (predicted - predicted_b)[used]
+        sums = self.desroziers
+        sums["count"] += d_ob.size
+        sums["oa_ob"] += float(np.sum(d_oa * d_ob))
+        sums["ab_ob"] += float(np.sum(d_ab * d_ob))
+        sums["r"] += float(np.sum(std[used] ** 2))
+        sums["oa"] += float(np.sum(d_oa))
+        sums["ob"] += float(np.sum(d_ob))
+
+    def desroziers_metrics(self) -> dict | None:
+        """The Desroziers statistics of the scored, assimilated observations
+        (`None` before any): the observation-error std assumed (`R`'s mean
+        variance, square-rooted) and estimated (`sqrt(mean d_oa d_ob)`), their
+        variance ratio (1 when `R` is right), the background-error std in
+        observation space (`sqrt(mean d_ab d_ob)`), and the O-A / O-B means and
+        RMSs."""
+        sums = self.desroziers
+        n = sums["count"]
+        if not n:
+            return None
+        oa_ob, ab_ob, r = sums["oa_ob"] / n, sums["ab_ob"] / n, sums["r"] / n
+        root = lambda v: float(np.sqrt(v)) if v >= 0 else None  # noqa: E731
+        return {
+            "observation_error_std_assumed": root(r),
+            "observation_error_std_estimated": root(oa_ob),
+            "observation_error_variance_ratio": oa_ob / r,
+            "background_error_std_obs_space": root(ab_ob),
+            "mean_o_minus_a": sums["oa"] / n,
+            "mean_o_minus_b": sums["ob"] / n,
+            "rms_o_minus_a": self.rms["obs_assimilated"].value,
+            "rms_o_minus_b": self.rms["background_obs_assimilated"].value,
+            "observations": n,
+        }
+
     @staticmethod
     def _snapshot(result, k: int) -> dict:
         """The analysis at the window's `k`-th time, with the observations there
@@ -236,12 +282,17 @@ class Scores:
         }
         if found["rmse_obs_heldout"] is not None:
             found["rmse_background_obs_heldout"] = value("background_obs_heldout")
+        found["desroziers"] = self.desroziers_metrics()
+        if value("spread") is not None:
+            found["ensemble_spread"] = value("spread")
         if not self.truth:
             found["rmse_background"] = found["rmse_background_obs_assimilated"]
             return found
         found["rmse_truth"] = value("truth")
         found["rmse_background"] = value("background_truth")
         found["mu_score"] = mu_from_rms(found["rmse_truth"], value("truth_norm"))
+        if value("spread") is not None:  # 1 for a well-calibrated ensemble
+            found["spread_skill_ratio"] = value("spread") / found["rmse_truth"]
         if self.spectra is not None:
             found["effective_resolution"] = resolution_from_spectra(
                 *self.spectra,

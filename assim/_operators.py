@@ -23,6 +23,15 @@ class AbstractObservationOperator(eqx.Module):
     def __call__(self, states: Float[Array, "time ..."]) -> Float[Array, "time ..."]:
         """`(time, *grid)` states -> `(time, *obs_shape)` predicted observations."""
 
+    def locations(self, grid: Grid, n_times: int) -> Float[Array, "time obs ndim"]:
+        """The coordinates of the observations (in the grid's length units and axis
+        order), one row per flattened observation of each of the `n_times` times:
+        what localisation (`assim.LETKF`) measures distances from."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not say where its observations are, so "
+            "they cannot be localised (LETKF): implement locations(grid, n_times)"
+        )
+
 
 class GridSelection(AbstractObservationOperator):
     """Sensors on grid points: `H` is the identity on the grid and the window's
@@ -30,6 +39,10 @@ class GridSelection(AbstractObservationOperator):
 
     def __call__(self, states):
         return states
+
+    def locations(self, grid, n_times):
+        points = jnp.stack([m.reshape(-1) for m in grid.mesh()], axis=-1)
+        return jnp.broadcast_to(points, (n_times, *points.shape))
 
 
 class LinearInterpolation(AbstractObservationOperator):
@@ -52,6 +65,7 @@ class LinearInterpolation(AbstractObservationOperator):
     grid: Grid
     indices: Int[Array, "... sensors corners"]
     weights: Float[Array, "... sensors corners"]
+    positions: Float[Array, "... sensors ndim"]
 
     def __init__(self, grid: Grid, positions):
         positions = np.asarray(positions, dtype=np.float64)
@@ -103,6 +117,12 @@ class LinearInterpolation(AbstractObservationOperator):
         self.grid = grid
         self.indices = jnp.asarray(np.stack(indices, axis=-1))
         self.weights = jnp.asarray(np.stack(weights, axis=-1))
+        self.positions = jnp.asarray(positions)
+
+    def locations(self, grid, n_times):
+        if self.positions.ndim == 2:  # fixed sensors
+            return jnp.broadcast_to(self.positions, (n_times, *self.positions.shape))
+        return self.positions
 
     @property
     def n_sensors(self) -> int:

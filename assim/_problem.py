@@ -381,7 +381,8 @@ class WindowProblem(eqx.Module):
         w = None
         if self.weak:
             w = jnp.zeros((window.n_times - 1, *background.shape), background.dtype)
-        return Control(jnp.zeros_like(background), self.parameter_background, w)
+        v = self.background_covariance.zeros_control(background)
+        return Control(v, self.parameter_background, w)
 
     def analysis(self, control: Control, background: Array) -> Analysis:
         """The physical estimate of a control: `x_0 = x_b + B^{1/2} v`."""

@@ -16,7 +16,15 @@ from ._io import cf_coords, publish, temporary_path
 _STATES = {
     "analysis": {"long_name": "analysis state"},
     "background": {"long_name": "background (forecast before assimilation)"},
+    "spread": {  # ensemble analysers only
+        "long_name": "analysis ensemble spread (members' standard deviation)"
+    },
 }
+
+
+def _states(result: WindowResult) -> list[str]:
+    """The state variables a result carries (`spread` only from ensembles)."""
+    return [key for key in _STATES if getattr(result, key) is not None]
 
 
 def analysis_dataset(
@@ -53,9 +61,9 @@ def analysis_dataset(
         key: (
             ("time", *names),
             np.concatenate([getattr(r, key) for r in results]),
-            var_attrs,
+            _STATES[key],
         )
-        for key, var_attrs in _STATES.items()
+        for key in _states(results[0])
     }
     data.update(_window_variables(results, time_units))
     data.update(_parameter_variables(parameters, names))
@@ -189,17 +197,20 @@ class AnalysisWriter:
             coords["time"][2]["calendar"] = self.time_calendar
         for name, (dims, values, var_attrs) in coords.items():
             _put(nc, name, (dims,), values, var_attrs)
-        for key, var_attrs in _STATES.items():
+        self._keys = _states(first)
+        for key in self._keys:
             state = getattr(first, key)
             var = nc.createVariable(
                 key, state.dtype, ("time", *names), chunksizes=(1, *state.shape[1:])
             )
-            var.setncatts(var_attrs)
+            var.setncatts(_STATES[key])
 
     def append(self, result: WindowResult) -> None:
         """Write `result`'s states; keep its (small) diagnostics for `close`."""
         self.summaries.append(
-            dataclasses.replace(result, analysis=None, background=None, window=None)
+            dataclasses.replace(
+                result, analysis=None, background=None, window=None, spread=None
+            )
         )
         if not self._active:
             return
@@ -209,7 +220,7 @@ class AnalysisWriter:
                 self._open(result)
             times = np.asarray(result.times, np.float64) + self.time_origin
             self._nc["time"][span] = times
-            for key in _STATES:
+            for key in self._keys:
                 self._nc[key][span] = getattr(result, key)
         self.times = span.stop
 
