@@ -75,8 +75,9 @@ def gaspari_cohn_correlation(grid: Grid, radius: float) -> SpectralCovariance:
             f"{grid.boundary!r}: give HybridCovariance a correlation covariance "
             "(e.g. assim.DiffusionCovariance.relative(grid, 1.0, fraction))"
         )
-    origin = jnp.zeros((1, grid.ndim))
-    row = taper(grid_distances(grid, grid_points(grid), origin)[:, 0], radius)
+    with jax.ensure_compile_time_eval():  # a constant, also inside a jitted window
+        origin = jnp.zeros((1, grid.ndim))
+        row = taper(grid_distances(grid, grid_points(grid), origin)[:, 0], radius)
     spectrum = np.fft.rfftn(np.asarray(row, np.float64).reshape(grid.shape)).real
     return SpectralCovariance(grid, np.maximum(spectrum, 0.0))
 
@@ -367,15 +368,26 @@ class LETKF(AbstractEnsembleFilter):
 
     - `radius`: localisation radius in the grid's length units (the taper is
       exp(-1/2) at the radius and zero beyond 3.48 radii; Lorenz-96's grid
-      spacing is 1).
+      spacing is 1), or `None`: `relative_radius` times the domain's shortest
+      side (a default that fits any grid: 4 points of Lorenz-96, 10 of KS).
+    - `relative_radius`: used when `radius` is `None`.
     """
 
-    radius: float = eqx.field(static=True, default=4.0)
+    radius: float | None = eqx.field(static=True, default=None)
+    relative_radius: float = eqx.field(static=True, default=0.1)
 
     def __check_init__(self):
         super().__check_init__()
-        if not self.radius > 0:
-            raise ValueError(f"localisation radius must be positive, got {self.radius}")
+        for name in ("radius", "relative_radius"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"localisation {name} must be positive, got {value}")
+
+    def radius_on(self, grid: Grid) -> float:
+        """The localisation radius on `grid` (length units)."""
+        if self.radius is not None:
+            return float(self.radius)
+        return self.relative_radius * min(grid.length)
 
     def needs_locations(self) -> bool:
         return True
@@ -384,7 +396,7 @@ class LETKF(AbstractEnsembleFilter):
         del mask, key
         N = members.shape[0]
         coefficients = taper(
-            grid_distances(grid, grid_points(grid), locations), self.radius
+            grid_distances(grid, grid_points(grid), locations), self.radius_on(grid)
         )  # (points, p)
         A = Y / jnp.sqrt(N - 1.0)
         mean = members.mean(0).reshape(-1)
@@ -507,7 +519,12 @@ class HybridEnVar(AbstractEnsembleAnalyser):
             raise ValueError(f"hybrid weight must be in [0, 1], got {self.weight}")
 
     def covariance(self, problem: WindowProblem, ensemble: Ensemble):
-        """The window's hybrid `B` from the forecast ensemble."""
+        """The window's hybrid `B` from the forecast ensemble (the static `B` itself
+        at weight 0: the extended control would only add zero directions, and
+        lineax's CG, whose tolerance is relative per element, stops at once on a
+        right-hand side with exact zeros)."""
+        if self.weight == 0:
+            return problem.background_covariance
         grid = problem.simulator.model.grid
         localisation = None
         if self.localisation_radius is not None:

@@ -252,7 +252,7 @@ class Scores:
             "mean_o_minus_b": sums["ob"] / n,
             "rms_o_minus_a": self.rms["obs_assimilated"].value,
             "rms_o_minus_b": self.rms["background_obs_assimilated"].value,
-            "observations": n,
+            "observations": int(n),
         }
 
     @staticmethod

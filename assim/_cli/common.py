@@ -116,6 +116,17 @@ RUN_SETTINGS = {
     "method.analyser.solver.inner_steps": (int, 1, None, False),
     "method.analyser.solver.rtol": (float, 0.0, None, False),
     "method.analyser.solver.atol": (float, 0.0, None, False),
+    "method.ensemble.size": (int, 2, None, False),
+    "method.ensemble.seed": (int, None, None, True),
+    "method.analyser.inflation": (float, 1.0, None, False),
+    "method.analyser.rtps": (float, 0.0, 1.0, False),
+    "method.analyser.radius": (float, ("<", 0.0), None, True),
+    "method.analyser.relative_radius": (float, ("<", 0.0), None, False),
+    "method.analyser.weight": (float, 0.0, 1.0, False),
+    "method.analyser.localisation_radius": (float, ("<", 0.0), None, True),
+    "method.analyser.filter.inflation": (float, 1.0, None, False),
+    "method.analyser.filter.rtps": (float, 0.0, 1.0, False),
+    "method.analyser.variational.max_steps": (int, 1, None, False),
 }
 TRAIN_SETTINGS = {
     **_COMMON,

@@ -20,8 +20,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from assim import (
+    AbstractEnsembleAnalyser,
     AnalysisWriter,
     Climatology,
+    Ensemble,
     Scores,
     WindowsFailed,
     WindowStream,
@@ -140,6 +142,10 @@ def _assimilate(cfg: DictConfig) -> dict:
         analyser = instantiate_trusted(method.analyser, progress=progress)
     else:
         analyser = instantiate_trusted(method.analyser)
+    if isinstance(analyser, AbstractEnsembleAnalyser):
+        problem, parameter, background = _ensemble_start(
+            cfg, analyser, problem, parameter, background
+        )
     adaptation = method.get("adaptation")
     if adaptation is not None:
         adaptation = instantiate_trusted(adaptation)
@@ -173,6 +179,35 @@ def _assimilate(cfg: DictConfig) -> dict:
     finally:
         if bar is not None:
             bar.close()
+
+
+def _ensemble_start(cfg, analyser, problem, parameter, background):
+    """`(problem, parameter, first ensemble)` of an ensemble method: the members
+    drawn around the first background from the configured `B` (split over the
+    devices); an unknown parameter is held at its background (ensemble methods
+    estimate the state)."""
+    method = cfg.method
+    if not method.get("cycle", True):
+        raise ValueError(
+            f"method.cycle=false: {method.name} is an ensemble method, its windows "
+            "are cycled"
+        )
+    if method.get("shift") is not None:
+        raise ValueError(f"method.shift: {method.name} does not slide windows")
+    if parameter is not None:
+        log.warning(
+            "%s estimates the state only: %s is held at its background %g",
+            method.name,
+            parameter.name,
+            parameter.background,
+        )
+        problem = problem.with_parameters(problem.parameter_background)
+        parameter = None
+    seed = method.ensemble.get("seed")
+    key = jax.random.PRNGKey(int(cfg.seed if seed is None else seed))
+    size = int(method.ensemble.size)
+    ensemble = Ensemble.sample(background, problem.background_covariance, size, key)
+    return problem, parameter, ensemble.shard()
 
 
 def _heldout_points(ds, grid, fraction: float, seed) -> np.ndarray:
