@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import simulators as sim
+from simulators import testing
 
 # Tight solver settings for gradient checks in float64: Krylov solves accurate to
 # ~1e-13 so that forward (JVP) and reverse (VJP) solves agree to ~1e-12.
@@ -93,23 +94,14 @@ def cases():
 
 
 def taylor_remainders(loss, x, direction, hs):
-    """First- and second-order Taylor remainders of `loss` at `x` along `direction`.
+    """First- and second-order Taylor remainders of `loss` at `x` along `direction`
+    (`simulators.testing.gradient_taylor_test`, the check users run).
 
     `r1(h) = |L(x + h d) - L(x)|` decays like h; `r2(h) = |L(x + h d) - L(x) -
     h <grad L, d>|` decays like h^2 when the gradient is right.
     """
-    l0, g = jax.value_and_grad(loss)(x)
-    slope = sum(
-        jnp.vdot(a, b)
-        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(direction), strict=True)
-    )
-    r1, r2 = [], []
-    for h in hs:
-        xh = jax.tree.map(lambda a, d, h=h: a + h * d, x, direction)
-        lh = loss(xh)
-        r1.append(abs(float(lh - l0)))
-        r2.append(abs(float(lh - l0 - h * slope)))
-    return np.array(r1), np.array(r2)
+    found = testing.gradient_taylor_test(loss, x, direction, steps=hs)
+    return found.first_order, found.second_order
 
 
 def assert_taylor_orders(loss, x, direction):
@@ -121,10 +113,7 @@ def assert_taylor_orders(loss, x, direction):
     assert np.all(observed_orders(hs, r2) > 1.8), r2
 
 
-def observed_orders(hs, errors) -> np.ndarray:
-    """Successive convergence rates log(e_i / e_{i+1}) / log(h_i / h_{i+1})."""
-    hs, errors = np.asarray(hs), np.asarray(errors)
-    return np.log(errors[:-1] / errors[1:]) / np.log(hs[:-1] / hs[1:])
+observed_orders = testing.observed_orders
 
 
 def finite_difference(fn, x, direction, scale=1.0):

@@ -155,9 +155,7 @@ def test_letkf_with_infinite_radius_is_the_etkf():
         windows[0].truth[0], DiagonalCovariance(1.0), 12, jax.random.PRNGKey(0)
     )
     etkf = list(cycle(ETKF(inflation=1.05), problem, windows, ensemble))
-    letkf = list(
-        cycle(LETKF(radius=1e9, inflation=1.05), problem, windows, ensemble)
-    )
+    letkf = list(cycle(LETKF(radius=1e9, inflation=1.05), problem, windows, ensemble))
     for a, b in zip(etkf, letkf, strict=True):
         np.testing.assert_allclose(a.analysis, b.analysis, rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(a.spread, b.spread, rtol=1e-9, atol=1e-9)
@@ -247,9 +245,7 @@ def test_hybrid_envar_cycles_and_beats_its_first_background():
     backgrounds; with weight 0 it is static-B 4D-Var from the ensemble mean."""
     l96, B, windows = l96_twin_windows(4, 2, 5, spinup=300)
     problem = WindowProblem(l96, B, 5)
-    ensemble = Ensemble.sample(
-        windows[0].truth[0] + 0.5, B, 16, jax.random.PRNGKey(1)
-    )
+    ensemble = Ensemble.sample(windows[0].truth[0] + 0.5, B, 16, jax.random.PRNGKey(1))
     variational = assim.Variational(assim.incremental(), 3)
     hybrid = assim.HybridEnVar(
         variational, ETKF(inflation=1.05), weight=0.8, localisation_radius=4.0
