@@ -30,6 +30,12 @@ class AbstractCovariance(eqx.Module):
         """`S^{-1} x`: the control `v` of an increment `x = S v`, so that
         `|x|^2_{B^-1} = |S^{-1} x|^2` (the background term of the cost at a state)."""
 
+    def mean_variance(self) -> Array:
+        """The mean of `B`'s diagonal (the mean error variance)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not say its mean variance"
+        )
+
     def zeros_control(self, x: Array):
         """The control of a zero increment to the state `x` (`v = 0`): an array of
         the state's shape, or the pytree of an extended control (e.g.
@@ -63,6 +69,9 @@ class DiagonalCovariance(AbstractCovariance):
 
     def whiten(self, x):
         return x / self.std
+
+    def mean_variance(self):
+        return jnp.mean(self.std**2)
 
 
 class DiffusionCovariance(AbstractCovariance):
@@ -147,6 +156,9 @@ class DiffusionCovariance(AbstractCovariance):
     def sqrt_transpose(self, x):
         return self.sqrt(x)  # symmetric
 
+    def mean_variance(self):
+        return self.std**2  # `c` normalises it (exactly on periodic grids)
+
     def whiten(self, x):
         inverse = 1 / self._half_symbol()
         return self.grid.solve_diagonal(x, inverse) * self._normalisation() / self.std
@@ -211,6 +223,15 @@ class SpectralCovariance(AbstractCovariance):
     def sqrt_transpose(self, x):
         return self.sqrt(x)  # symmetric: a real, even filter
 
+    def mean_variance(self):
+        # tr(B) / n: the full spectrum's mean; the rfft layout holds the modes of
+        # the last axis once, the others (but 0 and Nyquist) stand for two.
+        n = self.grid.shape[-1]
+        weights = jnp.full(n // 2 + 1, 2.0).at[0].set(1.0)
+        if n % 2 == 0:
+            weights = weights.at[-1].set(1.0)
+        return jnp.sum(self.spectrum * weights) / np.prod(self.grid.shape)
+
     def whiten(self, x):
         """`S^+ x`: modes of zero or negligible variance (the mean of anomalies,
         the dissipation range of a climatology: below `1e-6` of the largest) are
@@ -247,6 +268,9 @@ class ScaledCovariance(AbstractCovariance):
 
     def zeros_control(self, x):
         return self.covariance.zeros_control(x)
+
+    def mean_variance(self):
+        return self.scale**2 * self.covariance.mean_variance()
 
 
 class Climatology(eqx.Module):

@@ -21,7 +21,7 @@ from jaxtyping import Array, Float, Key
 from simulators import Grid
 
 from ._analyser import FIXED_STEPS, AbstractAnalyser, Info
-from ._covariance import AbstractCovariance, SpectralCovariance
+from ._covariance import AbstractCovariance, ScaledCovariance, SpectralCovariance
 from ._observations import ObservationSet
 from ._problem import Analysis, WindowProblem
 from ._variational import Variational
@@ -506,31 +506,53 @@ class HybridEnVar(AbstractEnsembleAnalyser):
     - `filter`: the ensemble filter that cycles the members.
     - `weight`: the ensemble's share `beta` of `B`.
     - `localisation_radius`: Gaspari-Cohn localisation of the ensemble part on
-      periodic grids (grid length units), or `None` for none.
+      periodic grids (grid length units), or `None`: `relative_radius` times the
+      domain's shortest side, or no localisation if that is `None` too.
+    - `relative_radius`: see `localisation_radius`.
+    - `static_variance`: `"ensemble"`: the static `B` rescaled in every window so
+      that its mean variance is the forecast ensemble's (its correlations kept:
+      the static part then needs no tuning of its scale, which a climatological
+      `B` far above the forecast errors would otherwise need); `"as_is"`: the
+      problem's `B` as configured.
     """
 
     variational: Variational
     filter: AbstractEnsembleFilter
-    weight: float = eqx.field(static=True, default=0.8)
+    weight: float = eqx.field(static=True, default=0.5)
     localisation_radius: float | None = eqx.field(static=True, default=None)
+    relative_radius: float | None = eqx.field(static=True, default=None)
+    static_variance: str = eqx.field(static=True, default="ensemble")
 
     def __check_init__(self):
         if not 0 <= self.weight <= 1:
             raise ValueError(f"hybrid weight must be in [0, 1], got {self.weight}")
+        if self.static_variance not in ("ensemble", "as_is"):
+            raise ValueError(
+                "static_variance must be 'ensemble' or 'as_is', got "
+                f"{self.static_variance!r}"
+            )
 
     def covariance(self, problem: WindowProblem, ensemble: Ensemble):
         """The window's hybrid `B` from the forecast ensemble (the static `B` itself
         at weight 0: the extended control would only add zero directions, and
         lineax's CG, whose tolerance is relative per element, stops at once on a
         right-hand side with exact zeros)."""
+        static = problem.background_covariance
+        if self.static_variance == "ensemble":
+            variance = jnp.mean(ensemble.spread**2)
+            static = ScaledCovariance(
+                static, jnp.sqrt(variance / static.mean_variance())
+            )
         if self.weight == 0:
-            return problem.background_covariance
+            return static
         grid = problem.simulator.model.grid
-        localisation = None
-        if self.localisation_radius is not None:
-            localisation = gaspari_cohn_correlation(grid, self.localisation_radius)
+        radius, localisation = self.localisation_radius, None
+        if radius is None and self.relative_radius is not None:
+            radius = self.relative_radius * min(grid.length)
+        if radius is not None:
+            localisation = gaspari_cohn_correlation(grid, radius)
         return HybridCovariance(
-            problem.background_covariance,
+            static,
             ensemble.anomalies,
             self.weight,
             localisation,

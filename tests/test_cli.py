@@ -242,6 +242,8 @@ def test_run_lorenz96_methods_on_one_twin(tmp_path):
         ("var3d_burn", "method=var3d", "scoring.burn_in=12"),
         ("var4d_lbfgs", "method=var4d_lbfgs", "method.window_length=4"),
         ("sliding", "method=var4d_sliding", "method.window_length=4"),
+        ("etkf", "method=etkf", "method.window_length=4", "scoring.burn_in=8"),
+        ("hybrid", "method=hybrid_4dvar", "method.window_length=4"),
     ]:
         run = _app("run", tmp_path, *common, *overrides, run_dir=tmp_path / name)
         assert run.returncode == 0, (name, run.stderr)
@@ -267,6 +269,16 @@ def test_run_lorenz96_methods_on_one_twin(tmp_path):
     assert sliding["rmse_truth"] < 0.8, sliding
     with xr.open_dataset(tmp_path / "sliding" / "analysis.nc") as ds:
         assert ds.sizes["time"] == 24  # each time reported once
+    # The ensemble filter: its spread written, scored with the Desroziers
+    # statistics (R is right here: their estimate of the error std is near 1).
+    etkf = found["etkf"]
+    assert etkf["rmse_truth"] < rmse["oi"], etkf  # 24 times: still spinning up
+    assert 0.3 < etkf["spread_skill_ratio"] < 3, etkf
+    assert 0.8 < etkf["desroziers"]["observation_error_std_estimated"] < 1.2, etkf
+    assert etkf["desroziers"]["observation_error_std_assumed"] == 1.0
+    with xr.open_dataset(tmp_path / "etkf" / "analysis.nc") as ds:
+        assert ds["spread"].shape == ds["analysis"].shape == (24, 40)
+    assert found["hybrid"]["rmse_truth"] < rmse["oi"], found["hybrid"]
 
 
 def test_run_bad_input_fails_cleanly(tmp_path):

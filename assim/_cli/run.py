@@ -271,14 +271,21 @@ def _finish(cfg, ds, path, out, t_start, grid, parameter, results, times, reject
         time_calendar=ds["time"].attrs.get("calendar"),
     )
     with writer:
-        last = None
+        last, first_done, first_times = None, None, 0
         for last in results:
             scores.add(last)
             writer.append(last)
+            if first_done is None:  # the first window includes the compilation
+                first_done, first_times = time.perf_counter(), scores.times
         if last is None:
             raise ValueError("no observation window left to assimilate")
-        wall = time.perf_counter() - t_start
+        done = time.perf_counter()
+        wall = done - t_start
         summaries = writer.summaries
+        # The steady cost of cycling (analysis, forecast, scoring, writing) per
+        # analysed time: what a long run costs, compilation and data set-up aside.
+        later = scores.times - first_times
+        per_time = (done - first_done) / later if later else None
         metrics = {
             "method": OmegaConf.to_container(method),
             "simulator": str(cfg.simulator.name),
@@ -287,6 +294,7 @@ def _finish(cfg, ds, path, out, t_start, grid, parameter, results, times, reject
             "windows_converged": int(sum(r.converged for r in summaries)),
             "wall_time_s": wall,
             "wall_time_per_window_s": wall / len(summaries),
+            "seconds_per_time_after_first_window": per_time,
             "scored_from_time_index": burn_in,
             **scores.metrics(),
             **_consistency(summaries, cfg.scoring),
