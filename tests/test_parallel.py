@@ -114,6 +114,11 @@ def test_sharded_assimilation_pads_and_matches_one_device(found):
     assert found["max_window_difference"] < 1e-10
 
 
+def test_ensemble_members_split_over_devices(found):
+    assert found["ensemble_shard_devices"] == 4
+    assert found["ensemble_max_difference"] < 1e-10
+
+
 def test_independent_4dvar_windows_over_devices(found):
     assert found["var_results"] == 7
     assert all(found["var_converged"]) and found["var_minimise_converged"]
