@@ -55,7 +55,7 @@ ROWS = [
 ]
 
 
-def run(overrides, quick: bool) -> tuple[dict, float]:
+def run(overrides, quick: bool = False) -> tuple[dict, float]:
     """`assim-run` with `overrides` in a temporary directory: its metrics and wall
     time."""
     if quick and overrides:

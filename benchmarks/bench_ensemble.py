@@ -27,10 +27,9 @@ dt 0.25; DAPPER: RK4 dt 0.05 and ETD-RK4 dt 0.5).
 import argparse
 import json
 import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
+
+from bench_assimilation import run
 
 ROWS = [
     # (system, method as DAPPER's rows name it, published, overrides)
@@ -42,27 +41,9 @@ ROWS = [
 
 
 def assim_run(overrides, times: int, burn_in: int) -> tuple[dict, float]:
-    """`assim-run` with `overrides` in a temporary directory: metrics, wall time."""
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "assim._cli.run",
-                f"hydra.run.dir={tmp}",
-                "progress=false",
-                "plot=false",
-                f"twin.n_times={times}",
-                f"scoring.burn_in={burn_in}",
-                *overrides,
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        wall = time.perf_counter() - t0
-        return json.loads((Path(tmp) / "metrics.json").read_text()), wall
+    """`assim-run` with `overrides` on a twin of `times` observation times, the
+    first `burn_in` not scored: its metrics and wall time."""
+    return run([*overrides, f"twin.n_times={times}", f"scoring.burn_in={burn_in}"])
 
 
 def dapper_rows(python: str, times: int, burn_in: int) -> dict:
