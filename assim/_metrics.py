@@ -182,7 +182,7 @@ class Scores:
         self.rms["obs_heldout"].add(predicted - values, held_scored)
         self.rms["background_obs_heldout"].add(predicted_b - values, held_scored)
         self._add_desroziers(values, predicted, predicted_b, window, used_scored)
-        if result.spread is not None:
+        if getattr(result, "spread", None) is not None:  # ensembles only
             spread = np.asarray(result.spread, np.float64)
             self.rms["spread"].add(spread, scored_state)
         for k in range(len(result.times)):

@@ -255,7 +255,7 @@ def test_hybrid_envar_cycles_and_beats_its_first_background():
     background = np.mean([r.diagnostics["rmse_truth_background"] for r in results])
     assert analysis < background, (analysis, background)
     assert all(r.spread.shape == (2, 40) for r in results)
-    static = assim.HybridEnVar(variational, ETKF(), weight=0.0)
+    static = assim.HybridEnVar(variational, ETKF(), weight=0.0, static_variance="as_is")
     (first,) = cycle(static, problem, windows[:1], ensemble)
     (plain,) = cycle(variational, problem, windows[:1], ensemble.mean)
     np.testing.assert_allclose(first.analysis, plain.analysis, rtol=1e-5, atol=1e-5)

@@ -122,6 +122,21 @@ def test_run_scores_accumulated_by_window_equal_whole_run_scores(burn_in):
     assert 2 * grid.spacing[-1] < expected["effective_resolution"] < 2.0
     for key, value in expected.items():
         np.testing.assert_allclose(found[key], value, rtol=1e-12, err_msg=key)
+    # The Desroziers statistics over the scored, assimilated observations.
+    d_ob, d_oa = (values - background)[used], (values - analysis)[used]
+    desroziers = found["desroziers"]
+    assert desroziers["observations"] == used.sum()
+    np.testing.assert_allclose(
+        desroziers["observation_error_variance_ratio"],
+        np.mean(d_oa * d_ob),  # R = 1 assumed
+        rtol=1e-12,
+    )
+    np.testing.assert_allclose(
+        desroziers["background_error_std_obs_space"] ** 2,
+        np.mean((d_ob - d_oa) * d_ob),
+        rtol=1e-12,
+    )
+    np.testing.assert_allclose(desroziers["mean_o_minus_b"], d_ob.mean(), rtol=1e-12)
     # Burn-in leaves times out of the scores only: not out of the run.
     assert (found["rmse_truth"] == whole_run) == (burn_in == 0)
     assert scores.times == 8
