@@ -304,13 +304,12 @@ class AbstractEnsembleFilter(AbstractEnsembleAnalyser):
 
     def analyse_window(self, problem, window, background):
         out = self.filter_window(problem, window, background)
-        obs_cost = jax.vmap(lambda s: 0.5 * jnp.sum(s**2))
         # The observation term at the forecast and the analysis means (an ensemble
         # filter has no variational cost); no gradient.
         cost = jnp.stack(
             [
-                jnp.sum(obs_cost(window.innovations(out["first"])[None])),
-                jnp.sum(obs_cost(window.innovations(out["trajectory"])[None])),
+                0.5 * jnp.sum(window.innovations(out[key]) ** 2)
+                for key in ("first", "trajectory")
             ]
         )
         theta = problem.parameter_background if problem.estimates_parameters else None
