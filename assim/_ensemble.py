@@ -23,6 +23,7 @@ from simulators import Grid
 from ._analyser import FIXED_STEPS, AbstractAnalyser, Info
 from ._covariance import AbstractCovariance, ScaledCovariance, SpectralCovariance
 from ._observations import ObservationSet
+from ._operators import grid_points
 from ._problem import Analysis, WindowProblem
 from ._variational import Variational
 
@@ -59,9 +60,10 @@ def grid_distances(grid: Grid, points: Array, locations: Array) -> Array:
     return jnp.sqrt(jnp.sum(diff**2, axis=-1))
 
 
-def grid_points(grid: Grid) -> Array:
-    """The grid's point coordinates, `(points, ndim)` in C order."""
-    return jnp.stack([m.reshape(-1) for m in grid.mesh()], axis=-1)
+def _spread(members: Array) -> Array:
+    """The members' standard deviation per grid point (`N - 1` normalised)."""
+    anomalies = members - jnp.mean(members, axis=0)
+    return jnp.sqrt(jnp.sum(anomalies**2, axis=0) / (members.shape[0] - 1))
 
 
 def gaspari_cohn_correlation(grid: Grid, radius: float) -> SpectralCovariance:
@@ -132,7 +134,7 @@ class Ensemble(eqx.Module):
     @property
     def spread(self) -> Array:
         """The members' standard deviation per grid point (`N - 1` normalised)."""
-        return jnp.sqrt(jnp.sum(self.anomalies**2, axis=0) / (self.size - 1))
+        return _spread(self.members)
 
     def shard(self, mesh: Mesh | None = None) -> "Ensemble":
         """The members split over the devices of `mesh` (default: every device)
@@ -245,9 +247,7 @@ class AbstractEnsembleFilter(AbstractEnsembleAnalyser):
         mean = jnp.mean(analysis, axis=0)
         anomalies = self.inflation * (analysis - mean)
         if self.rtps:
-            N = forecast.shape[0]
-            sigma_f = jnp.sqrt(jnp.sum((forecast - forecast.mean(0)) ** 2, 0) / (N - 1))
-            sigma_a = jnp.sqrt(jnp.sum(anomalies**2, 0) / (N - 1))
+            sigma_f, sigma_a = _spread(forecast), _spread(anomalies)
             safe = jnp.where(sigma_a > 0, sigma_a, 1.0)
             factor = 1 + self.rtps * (sigma_f - sigma_a) / safe
             anomalies = anomalies * jnp.where(sigma_a > 0, factor, 1.0)
@@ -285,9 +285,8 @@ class AbstractEnsembleFilter(AbstractEnsembleAnalyser):
             analysed = self._post(members, analysed)
             N = members.shape[0]
             chi2 = _chi2(Y / jnp.sqrt(N - 1.0), d)
-            mean_f, mean_a = members.mean(0), analysed.mean(0)
-            spread = jnp.sqrt(jnp.sum((analysed - mean_a) ** 2, 0) / (N - 1))
-            return (advance(analysed), key), (mean_f, mean_a, spread, chi2)
+            means = (members.mean(0), analysed.mean(0))
+            return (advance(analysed), key), (*means, _spread(analysed), chi2)
 
         times = jnp.arange(window.n_times)
         carry = (background.members, background.key)

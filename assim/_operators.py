@@ -12,6 +12,11 @@ from jaxtyping import Array, Float, Int
 from simulators import Grid
 
 
+def grid_points(grid: Grid) -> Array:
+    """The grid's point coordinates, `(points, ndim)` in C order."""
+    return jnp.stack([m.reshape(-1) for m in grid.mesh()], axis=-1)
+
+
 class AbstractObservationOperator(eqx.Module):
     """`H`, applied to the model states at the observation times of a window.
 
@@ -41,7 +46,7 @@ class GridSelection(AbstractObservationOperator):
         return states
 
     def locations(self, grid, n_times):
-        points = jnp.stack([m.reshape(-1) for m in grid.mesh()], axis=-1)
+        points = grid_points(grid)
         return jnp.broadcast_to(points, (n_times, *points.shape))
 
 

@@ -187,13 +187,6 @@ def _ensemble_start(cfg, analyser, problem, parameter, background):
     devices); an unknown parameter is held at its background (ensemble methods
     estimate the state)."""
     method = cfg.method
-    if not method.get("cycle", True):
-        raise ValueError(
-            f"method.cycle=false: {method.name} is an ensemble method, its windows "
-            "are cycled"
-        )
-    if method.get("shift") is not None:
-        raise ValueError(f"method.shift: {method.name} does not slide windows")
     if parameter is not None:
         log.warning(
             "%s estimates the state only: %s is held at its background %g",
