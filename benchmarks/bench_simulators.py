@@ -5,6 +5,8 @@ the time of a 20-step rollout, of the gradient of a loss of it, their ratio and 
 peak memory XLA allocates for each (`compiled.memory_analysis()`: temporaries +
 outputs). Beside them, in the same run:
 
+- for Burgers, in float32 and float64, the Krylov iterations per step of the forward
+  Newton solves and of the gradient's transpose solves (`simulators.KrylovCounter`);
 - the same Burgers rollout through diffrax's built-in `ImplicitEuler` with its default
   adjoint (dense Jacobians), where it fits;
 - the same equations stepped by exponax (ETDRK2, Cox & Matthews 2002), with each
@@ -115,27 +117,44 @@ def _diffrax_implicit_euler(model, dt):
     return forward, lambda u0: jnp.mean(forward(u0) ** 2)
 
 
+def krylov_per_step(model, dt, u0, **solver_options):
+    """Krylov iterations per time step of the forward rollout and of the transpose
+    solves of its gradient (`KrylovCounter`; a separate, untimed run)."""
+    counter = sim.KrylovCounter()
+    solver = sim.NewtonKrylov(counter=counter, **solver_options)
+    _, loss, _ = _ours(sim.Simulator(model, sim.backward_euler(solver), dt))
+    jax.block_until_ready(jax.grad(loss)(u0))
+    totals = counter.totals()
+    return {
+        "krylov_forward": totals["forward"]["iterations"] / N_STEPS,
+        "krylov_transpose": totals["transpose"]["iterations"] / N_STEPS,
+    }
+
+
 def burgers_rows(sizes, repeats, diffrax_max):
     rows = []
     for n in sizes:
         grid = sim.Grid((n, n), (1.0, 1.0))
         model = sim.Burgers(grid, 2e-3)
         dt = 0.5 * grid.spacing[0]  # CFL 0.5 for |u| <= 1; viscous number >> 1
+        for x64 in (False, True):
+            with jax.enable_x64(x64):
+                u0 = _initial_state((n, n))
+                u0 = u0.astype(jnp.float64 if x64 else jnp.float32)
+                simulator = sim.Simulator(model, sim.backward_euler(), dt)
+                fwd, loss, steps = _ours(simulator)
+                row = measure(
+                    "burgers2d",
+                    n,
+                    f"{'f64' if x64 else 'f32'} ours: BE Newton-GMRES, IFT adjoint",
+                    fwd,
+                    loss,
+                    u0,
+                    repeats,
+                    steps,
+                )
+                rows.append(row | krylov_per_step(model, dt, u0))
         u0 = _initial_state((n, n))
-        simulator = sim.Simulator(model, sim.backward_euler(), dt)
-        fwd, loss, steps = _ours(simulator)
-        rows.append(
-            measure(
-                "burgers2d",
-                n,
-                "ours: BE Newton-GMRES, IFT adjoint",
-                fwd,
-                loss,
-                u0,
-                repeats,
-                steps,
-            )
-        )
         if n <= diffrax_max:
             fwd, loss = _diffrax_implicit_euler(model, dt)
             rows.append(
@@ -190,9 +209,11 @@ def burgers_rows(sizes, repeats, diffrax_max):
         for label, solver in variants:
             simulator = sim.Simulator(model, sim.backward_euler(solver), dt)
             fwd, loss, steps = _ours(simulator)
-            rows.append(
-                measure("burgers2d-iters", n, label, fwd, loss, u0, repeats, steps)
-            )
+            row = measure("burgers2d-iters", n, label, fwd, loss, u0, repeats, steps)
+            if solver.adjoint == "implicit":
+                options = {"rtol": solver.rtol, "atol": solver.atol, **common}
+                row |= krylov_per_step(model, dt, u0, **options)
+            rows.append(row)
     return rows
 
 
@@ -283,19 +304,20 @@ def print_table(rows):
     print(
         f"machine: {platform.processor() or platform.machine()}, "
         f"{jax.devices()[0].device_kind} ({jax.default_backend()}), "
-        f"jax {jax.__version__}, float32, {N_STEPS} steps"
+        f"jax {jax.__version__}, float32 unless f64, {N_STEPS} steps"
     )
     head = (
         "| case | N | method | forward s | grad s | grad/fwd | fwd MiB | "
-        "grad MiB | Newton/step | rel. time error | vs ours |"
+        "grad MiB | Newton/step | Krylov it./step fwd | Krylov it./step adjoint "
+        "| rel. time error | vs ours |"
     )
     print(head)
-    print("|---" * 11 + "|")
+    print("|---" * 13 + "|")
     for r in rows:
         if "skipped" in r:
             print(
                 f"| {r['case']} | {r['size']} | {r['method']} | skipped: "
-                f"{r['skipped']} |||||||"
+                f"{r['skipped']} |||||||||"
             )
             continue
         print(
@@ -303,6 +325,8 @@ def print_table(rows):
             f"{_fmt(r['forward_s'], '.4f')} | {_fmt(r['grad_s'], '.4f')} | "
             f"{_fmt(r['ratio'], '.2f')} | {_fmt(r['forward_mib'], '.1f')} | "
             f"{_fmt(r['grad_mib'], '.1f')} | {_fmt(r['newton'], '.1f')} | "
+            f"{_fmt(r.get('krylov_forward'), '.0f')} | "
+            f"{_fmt(r.get('krylov_transpose'), '.0f')} | "
             f"{_fmt(r.get('error'), '.1e')} | {_fmt(r.get('agreement'), '.1e')} |"
         )
 

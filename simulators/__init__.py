@@ -2,6 +2,7 @@
 
 from ._grid import Grid as Grid
 from ._linear import DelegatingLinearSolver as DelegatingLinearSolver
+from ._linear import KrylovCounter as KrylovCounter
 from ._linear import ScaleInvariant as ScaleInvariant
 from ._model import AbstractModel as AbstractModel
 from ._model import AbstractSpectralModel as AbstractSpectralModel

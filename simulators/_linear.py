@@ -1,9 +1,13 @@
 """lineax solvers that wrap another: the building blocks of the stage solves, and of
 solvers that change how a wrapped solver's result is read (e.g. truncated CG)."""
 
+import functools
+
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
+import numpy as np
 
 
 class DelegatingLinearSolver(lx.AbstractLinearSolver):
@@ -44,3 +48,78 @@ class ScaleInvariant(DelegatingLinearSolver):
         unit = jax.tree.map(lambda leaf: leaf / scale, vector)
         value, result, stats = self.inner.compute(state, unit, options)
         return jax.tree.map(lambda leaf: leaf * scale, value), result, stats
+
+
+class KrylovCounter:
+    """Host-side tally of the Krylov solves of the implicit stages, by kind.
+
+    optimistix's Newton drops lineax's statistics, and a reverse-mode derivative
+    cannot return any: so a solver given a counter (`NewtonKrylov(counter=...)`)
+    reports each solve's iteration count to it from inside the compiled program
+    (`jax.debug.callback`). The kinds are `"forward"` (the inexact Newton solves),
+    `"tangent"` (forward-mode derivative solves) and `"transpose"` (the adjoint solves
+    of reverse mode). A solver without a counter has no callback in its program (and
+    so stays in JAX's persistent compilation cache); with one it is a separate
+    program (the counter is a static field, compared by identity).
+
+    `iterations` counts Krylov iterations (matrix-vector products with the stage
+    Jacobian): lineax's GMRES checks convergence once per restart cycle, so a GMRES
+    solve costs `cycles x restart` of them. BiCGStab reports its own iterations.
+
+    ```python
+    counter = simulators.KrylovCounter()
+    solver = simulators.NewtonKrylov(counter=counter)
+    ...  # run, differentiate
+    counter.totals()  # {"forward": {"solves": 60, "iterations": 1200}, ...}
+    ```
+    """
+
+    def __init__(self):
+        self._solves: dict[str, int] = {}
+        self._iterations: dict[str, int] = {}
+
+    def record(self, kind: str, cycles, per_cycle: int) -> None:
+        cycles = np.asarray(cycles)
+        self._solves[kind] = self._solves.get(kind, 0) + int(cycles.size)
+        total = int(cycles.sum()) * per_cycle
+        self._iterations[kind] = self._iterations.get(kind, 0) + total
+
+    def reset(self) -> None:
+        self._solves.clear()
+        self._iterations.clear()
+
+    def totals(self) -> dict[str, dict[str, int]]:
+        """`{kind: {"solves": n, "iterations": m}}` since creation or `reset`."""
+        return {
+            kind: {"solves": n, "iterations": self._iterations[kind]}
+            for kind, n in sorted(self._solves.items())
+        }
+
+    def iterations_per_solve(self) -> dict[str, float]:
+        return {
+            kind: self._iterations[kind] / max(n, 1)
+            for kind, n in sorted(self._solves.items())
+        }
+
+
+class Counted(DelegatingLinearSolver):
+    """Reports every solve's iteration count to a `KrylovCounter` under `kind`."""
+
+    counter: KrylovCounter = eqx.field(static=True)
+    kind: str = eqx.field(static=True)
+
+    def compute(self, state, vector, options):
+        value, result, stats = self.inner.compute(state, vector, options)
+        per_cycle = getattr(_innermost(self.inner), "restart", 1)
+        per_cycle = min(per_cycle, sum(x.size for x in jax.tree.leaves(vector)))
+        jax.debug.callback(
+            functools.partial(self.counter.record, self.kind, per_cycle=per_cycle),
+            stats["num_steps"],
+        )
+        return value, result, stats
+
+
+def _innermost(solver):
+    while isinstance(solver, DelegatingLinearSolver):
+        solver = solver.inner
+    return solver

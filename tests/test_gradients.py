@@ -264,3 +264,48 @@ def test_rollout_arguments_are_checked():
         _navier_stokes(8, checkpoints=2).rollout(u0, 4, with_info=True)
     with pytest.raises(ValueError, match="checkpoints must be None or >= 1"):
         _navier_stokes(8, checkpoints=0)
+
+
+def _burgers_2d(solver, n=16):
+    grid = sim.Grid((n, n), (1.0, 1.0))
+    return sim.Simulator(
+        sim.Burgers(grid, 2e-3), sim.backward_euler(solver), 0.5 * grid.spacing[0]
+    )
+
+
+def test_krylov_counter_tallies_forward_tangent_and_transpose_solves():
+    """One forward Krylov solve per Newton step, one tangent solve per stage under
+    `jvp`, one transpose solve per stage under `grad`; GMRES(10) iterations in whole
+    restart cycles."""
+    counter = sim.KrylovCounter()
+    simulator = _burgers_2d(sim.NewtonKrylov(counter=counter))
+    u0 = smooth_state(simulator.model.grid)
+    _, info = simulator.rollout(u0, 4, with_info=True)
+    forward = counter.totals()["forward"]
+    assert forward["solves"] == int(jnp.sum(info["newton_steps"])) > 4
+    assert forward["iterations"] % 10 == 0 and forward["iterations"] > 0
+    counter.reset()
+    jax.jvp(lambda u: simulator.rollout(u, 4)[-1], (u0,), (u0,))
+    assert counter.totals()["tangent"]["solves"] == 4
+    assert "transpose" not in counter.totals()
+    counter.reset()
+    jax.grad(lambda u: jnp.sum(simulator.rollout(u, 4)[-1] ** 2))(u0)
+    totals = counter.totals()
+    assert totals["transpose"]["solves"] == 4 and "tangent" not in totals
+    assert counter.iterations_per_solve()["transpose"] >= 10
+
+
+
+def test_default_adjoint_tolerance_keeps_the_adjoint_exact_enough(getkey):
+    """The default derivative solves (as tight as the forward Newton, float64): the
+    adjoint dot-product test holds to 1e-10, and the gradient matches the one from
+    solves converged to 1e-13 to 1e-8."""
+    simulator = _burgers_2d(sim.NewtonKrylov())
+    u0 = smooth_state(simulator.model.grid)
+    found = testing.adjoint_test(
+        lambda u: simulator.rollout(u, 3)[-1], u0, key=getkey(), rtol=1e-10
+    )
+    assert found.passed, str(found)
+    loss = _rollout_loss(simulator)
+    tight = _rollout_loss(dataclasses.replace(simulator, scheme=sim.backward_euler(TIGHT)))
+    assert tree_allclose(jax.grad(loss)(u0), jax.grad(tight)(u0), rtol=1e-8)
