@@ -107,7 +107,9 @@ def main_job_window(n: int, seed: int = 0):
     interval = observation_interval(ds, float(cfg.simulator.dt))
     problem, _ = build_problem(cfg.simulator, cfg.problem, interval)
     dtype = jnp.zeros(()).dtype
-    window = WindowStream(ds, int(ds.attrs["window_length"]), prefetch=0, dtype=dtype)[0]
+    window = WindowStream(ds, int(ds.attrs["window_length"]), prefetch=0, dtype=dtype)[
+        0
+    ]
     background = obs_mean_background(window, (n, n)).astype(dtype)
     return instantiate_trusted(cfg.method.analyser), problem, window, background
 
@@ -263,9 +265,7 @@ def section_throughput(n_windows: int, train_steps: int) -> list[dict]:
         }
     )
     analyser = Variational(incremental(inner_steps=20), max_steps=5)
-    windows = [
-        jax.tree.map(lambda a, i=i: a[i], data.obs) for i in range(data.size)
-    ]
+    windows = [jax.tree.map(lambda a, i=i: a[i], data.obs) for i in range(data.size)]
     background = data.background[0]
 
     def run_4dvar():
@@ -340,8 +340,11 @@ def _f(x, spec=".3g"):
 def print_tables(found: dict) -> None:
     print(f"\nmachine: {found['machine']}")
     if "windows" in found:
-        print("\n| grid | GN iterations | compile s | window s (compiled) | "
-              "window s (Python-driven) | dispatch share | RMSE bg -> an | peak MiB |")  # fmt: skip
+        header = (
+            "grid | GN iterations | compile s | window s (compiled) | window s "
+            "(Python-driven) | dispatch share | RMSE bg -> an | peak MiB"
+        )
+        print(f"\n| {header} |")
         print("|---" * 8 + "|")
         for r in found["windows"]:
             print(

@@ -149,19 +149,9 @@ class Grid(eqx.Module):
             kp = self._pad(kappa, axis, "edge")
             left = _window(up, 0, n + 1, axis)
             right = _window(up, 1, n + 2, axis)
-            k_face = 0.5 * (
-                _window(kp, 0, n + 1, axis)
-                + _window(kp, 1, n + 2, axis)
-            )
+            k_face = 0.5 * (_window(kp, 0, n + 1, axis) + _window(kp, 1, n + 2, axis))
             flux = k_face * (right - left) / dx
-            out = (
-                out
-                + (
-                    _window(flux, 1, n + 1, axis)
-                    - _window(flux, 0, n, axis)
-                )
-                / dx
-            )
+            out = out + (_window(flux, 1, n + 1, axis) - _window(flux, 0, n, axis)) / dx
         return out
 
     def laplacian(self, u: Array) -> Array:

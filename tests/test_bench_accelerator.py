@@ -50,4 +50,6 @@ def test_accelerator_benchmark_measures_windows_gradients_and_throughput(
 
     methods = [r["method"] for r in found["throughput"]]
     assert methods[1] == "unrolled network, 4 layers" and "4D-Var" in methods[2]
-    assert all(r["windows_per_s"] > 0 and r["peak_mib"] > 0 for r in found["throughput"])
+    assert all(
+        r["windows_per_s"] > 0 and r["peak_mib"] > 0 for r in found["throughput"]
+    )

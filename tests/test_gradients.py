@@ -295,7 +295,6 @@ def test_krylov_counter_tallies_forward_tangent_and_transpose_solves():
     assert counter.iterations_per_solve()["transpose"] >= 10
 
 
-
 def test_default_adjoint_tolerance_keeps_the_adjoint_exact_enough(getkey):
     """The default derivative solves (as tight as the forward Newton, float64): the
     adjoint dot-product test holds to 1e-10, and the gradient matches the one from
@@ -307,5 +306,7 @@ def test_default_adjoint_tolerance_keeps_the_adjoint_exact_enough(getkey):
     )
     assert found.passed, str(found)
     loss = _rollout_loss(simulator)
-    tight = _rollout_loss(dataclasses.replace(simulator, scheme=sim.backward_euler(TIGHT)))
+    tight = _rollout_loss(
+        dataclasses.replace(simulator, scheme=sim.backward_euler(TIGHT))
+    )
     assert tree_allclose(jax.grad(loss)(u0), jax.grad(tight)(u0), rtol=1e-8)
