@@ -92,7 +92,9 @@ class Variational(AbstractAnalyser):
     (no host round trip per iteration), recording the cost and gradient norm of
     every iterate; so a window's solve can be jitted, vmapped over windows and split
     over devices. `progress`, if given, is called on the host after every iteration
-    as `progress(iteration, cost)` (`jax.debug.callback`).
+    as `progress(iteration, cost)` (`jax.debug.callback`; JAX's persistent
+    compilation cache stores no program holding a host callback, so `assim-run`
+    reports progress per window instead).
 
     **Arguments:**
 

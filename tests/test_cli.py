@@ -114,10 +114,16 @@ def test_data_then_run_end_to_end(tmp_path):
         f"data.path={tmp_path / 'obs.nc'}",
         "method.analyser.max_steps=3",
         "float64=true",
-        "progress=false",
+        f"compilation_cache.dir={tmp_path / 'cache'}",  # progress on (the default)
         run_dir=tmp_path / "run",
     )
     assert run.returncode == 0, run.stderr
+    # Every program compiled went to the persistent cache: none holds a host
+    # callback (a progress callback inside the window's solve would keep it out).
+    compiled = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    compiled = compiled["compilation"]
+    stored = list((tmp_path / "cache").glob("*-cache"))
+    assert len(stored) == compiled["programs"] - compiled["cache_hits"] > 10
     analysis = xr.open_dataset(tmp_path / "run" / "analysis.nc")  # dates decoded
     np.testing.assert_array_equal(analysis["time"].values, ds["time"].values)
     assert str(analysis["time"].values[0]).startswith("2000-01-01")

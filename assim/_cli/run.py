@@ -129,19 +129,7 @@ def _assimilate(cfg: DictConfig) -> dict:
     windows = (checked(w.withhold(heldout)) for w in stream)
     windows = (w for w in windows if bool(w.mask.any()))
 
-    bar = None
-    if net is not None:
-        analyser = net
-    elif cfg.progress and "max_steps" in method.analyser:  # an iterative solver
-        from tqdm import tqdm
-
-        total = count * int(method.analyser.max_steps)
-        # disable=None: no bar when the output is not a terminal (a log file)
-        bar = tqdm(total=total, desc=method.name, unit="it", disable=None)
-        progress = lambda step, cost: bar.update(1)  # noqa: E731
-        analyser = instantiate_trusted(method.analyser, progress=progress)
-    else:
-        analyser = instantiate_trusted(method.analyser)
+    analyser = net if net is not None else instantiate_trusted(method.analyser)
     if isinstance(analyser, AbstractEnsembleAnalyser):
         problem, parameter, background = _ensemble_start(
             cfg, analyser, problem, parameter, background
@@ -169,6 +157,16 @@ def _assimilate(cfg: DictConfig) -> dict:
             background,
             batch_size=int(method.get("batch_windows", 16)),
         )
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        # Per window, on the host: a callback inside the compiled solve (the
+        # analyser's `progress`) would keep its program out of JAX's persistent
+        # compilation cache, which stores no program holding a host callback.
+        # disable=None: no bar when the output is not a terminal (a log file).
+        bar = tqdm(total=count, desc=method.name, unit="window", disable=None)
+        results = _with_progress(results, bar)
     # The analysed times: every window's, or with sliding windows the first
     # window's and each later window's newest `shift`.
     times = length + (count - 1) * shift if shift else count * length
@@ -179,6 +177,14 @@ def _assimilate(cfg: DictConfig) -> dict:
     finally:
         if bar is not None:
             bar.close()
+
+
+def _with_progress(results, bar):
+    """`results`, advancing `bar` by one window each (with its iterations)."""
+    for result in results:
+        bar.set_postfix(steps=result.steps, outcome=result.outcome, refresh=False)
+        bar.update(1)
+        yield result
 
 
 def _ensemble_start(cfg, analyser, problem, parameter, background):
