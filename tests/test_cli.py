@@ -432,8 +432,12 @@ def test_archive_of_files_streamed_to_train_and_run(tmp_path):
     ds = xr.open_dataset(tmp_path / "twin.nc").load().drop_encoding()
     archive = tmp_path / "archive"
     archive.mkdir()
+    # The twin's time unit kept (xarray would pick minutes for 3-minute spacing,
+    # and the simulator's dt is in the file's unit).
+    hours = {"time": {"units": "hours since 2000-01-01 00:00", "dtype": "f8"}}
     for k in range(3):
-        ds.isel(time=slice(8 * k, 8 * k + 8)).to_netcdf(archive / f"obs_{k}.nc")
+        part = ds.isel(time=slice(8 * k, 8 * k + 8))
+        part.to_netcdf(archive / f"obs_{k}.nc", encoding=hours)
     small = ["network.net.n_layers=2", "network.net.width=4", "network.net.depth=2"]
     train = _app(
         "train",
@@ -453,7 +457,8 @@ def test_archive_of_files_streamed_to_train_and_run(tmp_path):
         tmp_path, "run", f"data.path={archive}/obs_*.nc", "simulator=lorenz96"
     )
     assert metrics["windows"] == 6  # 24 times from 3 files, windows of 4
-    ds.isel(time=slice(16, 24)).drop_vars("truth").to_netcdf(archive / "obs_2.nc")
+    part = ds.isel(time=slice(16, 24)).drop_vars("truth")
+    part.to_netcdf(archive / "obs_2.nc", encoding=hours)
     bad = _app(
         "run",
         tmp_path,
