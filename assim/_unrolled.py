@@ -304,8 +304,18 @@ class UnrolledVar(AbstractWindowNet):
 
     def with_stable_steps(self, problem, window, background, fraction: float = 1.0):
         """The network with every step size set to `fraction / curvature` on one
-        window (a stable start for training; the steps are learned afterwards)."""
+        window (a stable start for training; the steps are learned afterwards).
+        A curvature that overflows (the window's linearisation too large for the
+        precision, e.g. a long chaotic window in float32) is an error, not a zero
+        step."""
         step = fraction / self.curvature(problem, window, background)
+        step = eqx.error_if(
+            step,
+            ~(jnp.isfinite(step) & (step > 0)),
+            "with_stable_steps: the curvature of the window's Gauss-Newton Hessian "
+            "is not finite and positive (the linearisation overflows in this "
+            "precision: float64, a shorter window or a larger observation error)",
+        )
         return eqx.tree_at(
             lambda m: m.log_step, self, jnp.full_like(self.log_step, jnp.log(step))
         )

@@ -364,6 +364,16 @@ def test_curvature_matches_dense_eigenvalue(l96_windows, getkey):
     np.testing.assert_allclose(estimate, top + 1.0, rtol=1e-3)
 
 
+def test_stable_steps_refuse_an_overflowing_curvature(l96_windows, getkey):
+    """A Hessian that overflows (here error stds of 1e-200) raises, naming it,
+    instead of giving a zero step and NaNs later."""
+    l96, B, windows = l96_windows
+    net, problem = make_net(l96, B, getkey())
+    tiny = eqx.tree_at(lambda o: o.error_std, windows[0], windows[0].error_std * 1e-200)
+    with pytest.raises(Exception, match="curvature of the window's Gauss-Newton"):
+        net.with_stable_steps(problem, tiny, jnp.full(40, 2.0))
+
+
 def test_masking_loss_never_reads_truth(l96_windows, getkey):
     """Training with the masking loss on windows whose truth is NaN gives exactly the
     parameters obtained with the real truth."""
