@@ -6,13 +6,17 @@
 - The window problem: `WindowProblem` (simulator, `B`, optional `Q`, parameter
   prior, extra cost terms) with its controls (`Control`, `Analysis`), covariances
   (`DiagonalCovariance`, `DiffusionCovariance`, `SpectralCovariance`, a model's
-  `Climatology`), the bounded-log `Parameter`, cost terms (`StateBounds`).
+  `Climatology`), the bounded-log `Parameter`, cost terms (`StateBounds`,
+  `ConservedTotal`, `KnownValues`, `ParameterBounds`: constraints a user adds at
+  inference), non-smooth priors (`TotalVariation`, `L1Prior`).
 - Analysers, `analyser(problem, window, background) -> (analysis, info)`:
   `Variational` (3D-Var, strong- / weak-constraint 4D-Var, joint parameter
-  estimation; `incremental` Gauss-Newton or any optimistix solver), `NoUpdate`
-  (the background: climatology, free run), `UnrolledVar`
-  (unrolled variational networks), `BilevelVar` (4D-Var with implicit
-  hypergradients), ensemble filters (`EnKF`, `ETKF`, `LETKF`, whose background is
+  estimation; `incremental` Gauss-Newton or any optimistix solver),
+  `ProximalGradient` and `ADMM` (with a non-smooth prior), `Refined` (any
+  analyser's output refined by a variational solver), `NoUpdate`
+  (the background: climatology, free run), `UnrolledVar`,
+  `UnrolledGaussNewton`, `UnrolledADMM` (unrolled networks), `BilevelVar`
+  (4D-Var with implicit hypergradients), ensemble filters (`EnKF`, `ETKF`, `LETKF`, whose background is
   an `Ensemble`) and hybrid ensemble-variational 4D-Var (`HybridEnVar` with a
   `HybridCovariance`).
 - Running them: `cycle` (cycled windows, sliding windows, error scales adapted
@@ -57,6 +61,8 @@ from ._ensemble import HybridCovariance as HybridCovariance
 from ._ensemble import HybridEnVar as HybridEnVar
 from ._ensemble import gaspari_cohn as gaspari_cohn
 from ._ensemble import gaspari_cohn_correlation as gaspari_cohn_correlation
+from ._layers import UnrolledADMM as UnrolledADMM
+from ._layers import UnrolledGaussNewton as UnrolledGaussNewton
 from ._losses import AbstractLoss as AbstractLoss
 from ._losses import Cost as Cost
 from ._losses import Evidence as Evidence
@@ -94,11 +100,19 @@ from ._operators import LinearInterpolation as LinearInterpolation
 from ._parallel import batch_mesh as batch_mesh
 from ._parallel import initialize_distributed as initialize_distributed
 from ._parallel import map_windows as map_windows
+from ._priors import AbstractPrior as AbstractPrior
+from ._priors import L1Prior as L1Prior
+from ._priors import TotalVariation as TotalVariation
 from ._problem import AbstractCostTerm as AbstractCostTerm
 from ._problem import Analysis as Analysis
+from ._problem import ConservedTotal as ConservedTotal
 from ._problem import Control as Control
+from ._problem import KnownValues as KnownValues
 from ._problem import Parameter as Parameter
+from ._problem import ParameterBounds as ParameterBounds
 from ._problem import StateBounds as StateBounds
+from ._proximal import ADMM as ADMM
+from ._proximal import ProximalGradient as ProximalGradient
 from ._problem import WindowProblem as WindowProblem
 from ._problem import bounded_log as bounded_log
 from ._stream import WindowStream as WindowStream
@@ -115,6 +129,7 @@ from ._train import train as train
 from ._unrolled import AbstractWindowNet as AbstractWindowNet
 from ._unrolled import UnrolledVar as UnrolledVar
 from ._variational import IncrementalGaussNewton as IncrementalGaussNewton
+from ._variational import Refined as Refined
 from ._variational import Variational as Variational
 from ._variational import incremental as incremental
 from ._writer import AnalysisWriter as AnalysisWriter

@@ -15,6 +15,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
+import numpy as np
 from jaxtyping import Array, Float, PyTree
 
 from simulators import Simulator
@@ -170,6 +171,136 @@ class StateBounds(AbstractCostTerm):
         if self.lower is not None:
             excess = excess + jnp.maximum(self.lower - trajectory, 0.0)
         return excess / self.tolerance
+
+
+class ConservedTotal(AbstractCostTerm):
+    """Conservation of a total (mass, heat): `r_t = (cell sum_i x_{t,i} - total) /
+    tolerance` at every observation time, or with `total=None` the change of the
+    total from the window's initial state (`t >= 1`): a model that conserves it
+    (periodic advection-diffusion) then carries an initial state of the right
+    total through the window.
+
+    **Arguments:**
+
+    - `total`: the known total, or `None` (conserved, value free).
+    - `cell`: the grid cell's size (length, area), so that the total is an
+      integral; 1: a plain sum.
+    - `tolerance`: a deviation of `tolerance` costs as much as a one-sigma
+      observation misfit.
+    """
+
+    total: float | None = eqx.field(static=True, default=None)
+    cell: float = eqx.field(static=True, default=1.0)
+    tolerance: float = eqx.field(static=True, default=1e-2)
+
+    def __check_init__(self):
+        if not self.tolerance > 0:
+            raise ValueError(
+                f"ConservedTotal: tolerance must be positive, got {self.tolerance}"
+            )
+
+    def totals(self, trajectory: Float[Array, "time ..."]) -> Float[Array, " time"]:
+        """The total of each state."""
+        return self.cell * jnp.sum(trajectory.reshape(trajectory.shape[0], -1), 1)
+
+    def residual(self, trajectory, theta):
+        del theta
+        totals = self.totals(trajectory)
+        if self.total is None:
+            return (totals[1:] - totals[0]) / self.tolerance
+        return (totals - self.total) / self.tolerance
+
+
+class KnownValues(AbstractCostTerm):
+    """Known state values (pseudo-observations, e.g. at points or on the boundary):
+    `r = (x_t - value) / tolerance` where a value is known, at every observation
+    time or at the initial time only. Build it from a field with NaN where
+    unknown, or with `KnownValues.at_points` / `KnownValues.on_boundary`.
+
+    **Arguments:**
+
+    - `values`: a field of the grid's shape, NaN where unknown.
+    - `tolerance`: a deviation of `tolerance` costs a one-sigma misfit.
+    - `initial_only`: only the window's initial state.
+    """
+
+    values: Float[Array, "..."]
+    known: Array
+    tolerance: float = eqx.field(static=True, default=1e-2)
+    initial_only: bool = eqx.field(static=True, default=False)
+
+    def __init__(self, values, tolerance: float = 1e-2, initial_only: bool = False):
+        values = np.asarray(values, float)
+        known = np.isfinite(values)
+        if not known.any():
+            raise ValueError("KnownValues: no value is known (all NaN)")
+        if not tolerance > 0:
+            raise ValueError(f"KnownValues: tolerance must be positive, got {tolerance}")
+        self.values = jnp.asarray(np.where(known, values, 0.0))
+        self.known = jnp.asarray(known)
+        self.tolerance = float(tolerance)
+        self.initial_only = bool(initial_only)
+
+    @classmethod
+    def at_points(cls, shape, points, tolerance: float = 1e-2, initial_only=False):
+        """Values at grid points, `points = [[i, (j,) value], ...]`."""
+        values = np.full(tuple(shape), np.nan)
+        for point in points:
+            *index, value = point
+            if len(index) != len(values.shape):
+                raise ValueError(
+                    f"KnownValues: point {list(point)} needs {len(values.shape)} "
+                    "indices and a value"
+                )
+            values[tuple(int(i) for i in index)] = float(value)
+        return cls(values, tolerance, initial_only)
+
+    @classmethod
+    def on_boundary(cls, shape, value: float, tolerance=1e-2, initial_only=False):
+        """`value` at every boundary point (the first and last along each axis)."""
+        values = np.full(tuple(shape), np.nan)
+        for axis in range(values.ndim):
+            index = [slice(None)] * values.ndim
+            for end in (0, -1):
+                index[axis] = end
+                values[tuple(index)] = float(value)
+        return cls(values, tolerance, initial_only)
+
+    def residual(self, trajectory, theta):
+        del theta
+        states = trajectory[:1] if self.initial_only else trajectory
+        return jnp.where(self.known, states - self.values, 0.0) / self.tolerance
+
+
+class ParameterBounds(AbstractCostTerm):
+    """Bounds on an estimated parameter's physical value (`Parameter.value`):
+    `r = (max(p - upper, 0) + max(lower - p, 0)) / tolerance`.
+
+    **Arguments:**
+
+    - `parameter`: the problem's `Parameter` (the CLI passes the simulator's).
+    - `lower`, `upper`: the bounds (either may be `None`).
+    - `tolerance`: a violation of `tolerance` costs a one-sigma misfit.
+    """
+
+    parameter: Parameter
+    lower: float | None = eqx.field(static=True, default=None)
+    upper: float | None = eqx.field(static=True, default=None)
+    tolerance: float = eqx.field(static=True, default=1e-3)
+
+    def __check_init__(self):
+        if self.lower is None and self.upper is None:
+            raise ValueError("ParameterBounds needs a lower or an upper bound")
+        if not self.tolerance > 0:
+            raise ValueError(
+                f"ParameterBounds: tolerance must be positive, got {self.tolerance}"
+            )
+
+    def residual(self, trajectory, theta):
+        if theta is None:  # the parameter is not estimated: nothing to bound
+            return jnp.zeros((), trajectory.dtype)
+        bounds = StateBounds(self.lower, self.upper, self.tolerance)
+        return bounds.residual(self.parameter.value(theta), None)
 
 
 def half_sum_squares(tree) -> Array:

@@ -121,6 +121,8 @@ class UnrolledVar(AbstractWindowNet):
       `kernel`).
     - `gradient_solver`: a `ConvLSTMSolver`, or `True` for one built here.
     - `warm_start`: a `WarmStart` network, or `True` for one built here.
+    - `untied`: a separate prior network per layer (built here from `prior`'s
+      name; stacked, layer `k` uses the `k`-th) instead of one shared by all.
     - `theta`: initial learned parameter controls (e.g. `Parameter.zeros()`), or
       `None` to run with the problem's prior mean.
     - `correction`: a learned model-error correction (e.g. `NeuralCorrection`).
@@ -142,6 +144,7 @@ class UnrolledVar(AbstractWindowNet):
     continuation: bool = eqx.field(static=True)
     scale: float = eqx.field(static=True)
     checkpoints: int | None = eqx.field(static=True)
+    untied: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -156,6 +159,7 @@ class UnrolledVar(AbstractWindowNet):
         prior: "str | ProximalPrior | PlugAndPlayPrior | None" = None,
         gradient_solver: "bool | ConvLSTMSolver" = False,
         warm_start: "bool | WarmStart" = False,
+        untied: bool = False,
         theta: PyTree[Array] | None = None,
         correction: eqx.Module | None = None,
         scale: float = 1.0,
@@ -175,6 +179,10 @@ class UnrolledVar(AbstractWindowNet):
             raise ValueError(
                 "prior must be None, 'proximal', 'pnp' or a ProximalPrior / "
                 f"PlugAndPlayPrior, got {prior!r}"
+            )
+        if untied and prior not in ("proximal", "pnp"):
+            raise ValueError(
+                "untied layers build their priors: prior must be 'proximal' or 'pnp'"
             )
         if checkpoints is not None and checkpoints < 1:
             raise ValueError(f"checkpoints must be None or >= 1, got {checkpoints}")
@@ -199,10 +207,13 @@ class UnrolledVar(AbstractWindowNet):
             else None
         )
         net = lambda cin, k: ConvNet(grid, cin, 1, width, depth, kernel, key=k)  # noqa: E731
-        if prior == "proximal":
-            prior = ProximalPrior(net(1, k_prior), scale)
-        elif prior == "pnp":
-            prior = PlugAndPlayPrior(net(1, k_prior), scale)
+        kind = {"proximal": ProximalPrior, "pnp": PlugAndPlayPrior}.get(prior)
+        if kind is not None and untied:  # K networks, stacked leaf by leaf
+            prior = eqx.filter_vmap(lambda k: kind(net(1, k), scale))(
+                jax.random.split(k_prior, K)
+            )
+        elif kind is not None:
+            prior = kind(net(1, k_prior), scale)
         self.prior = prior
         if isinstance(prior, ProximalPrior):
             self.prior_weight = jnp.ones((K,), dtype)
@@ -221,6 +232,7 @@ class UnrolledVar(AbstractWindowNet):
         self.continuation = bool(continuation)
         self.scale = float(scale)
         self.checkpoints = checkpoints
+        self.untied = bool(untied)
 
     @property
     def n_layers(self) -> int:
@@ -351,7 +363,11 @@ class UnrolledVar(AbstractWindowNet):
             update, memory = self.gradient_solver(d / norm, z / self.scale, memory)
             new = new - self.scale * update
         if self.prior is not None:
-            new = self.prior(new, self.prior_weight[k])
+            prior = self.prior
+            if self.untied:
+                arrays, static = eqx.partition(prior, eqx.is_array)
+                prior = eqx.combine(jax.tree.map(lambda a: a[k], arrays), static)
+            new = prior(new, self.prior_weight[k])
         return (new, new_w), (x, w), memory
 
     def __call__(

@@ -233,3 +233,37 @@ class Variational(AbstractAnalyser):
             ),
         )
         return y, Info(steps, outcome, costs, gnorms)
+
+
+class Refined(AbstractAnalyser):
+    """A first guess refined by a variational solver: `guess`'s analysis (a trained
+    network, any analyser) as the start of `refinement` on the window problem as it
+    is now, so that cost terms added at inference (bounds, a conserved total, known
+    values) are honoured by an analyser that never saw them, and a network's
+    output converges to the 4D-Var minimum (warm-start hybrid). The model is the
+    guess's (`guess.model_problem`: a network's learned parameters and correction
+    held).
+
+    **Arguments:**
+
+    - `guess`: the analyser giving the first guess.
+    - `refinement`: a `Variational` (e.g. `incremental` Gauss-Newton, `max_steps`
+      outer loops).
+    """
+
+    guess: AbstractAnalyser
+    refinement: Variational
+
+    def __call__(self, problem, window, background):
+        first, guess_info = self.guess(problem, window, background)
+        model = self.guess.model_problem(problem)
+        theta = first.theta if model.estimates_parameters else None
+        start = model.control(Analysis(first.initial_state, theta, first.w), background)
+        analysis, info = self.refinement(model, window, background, start=start)
+        if not model.estimates_parameters:
+            analysis = Analysis(analysis.initial_state, first.theta, analysis.w)
+        steps = info.steps + guess_info.steps
+        return analysis, Info(steps, info.outcome, info.cost, info.grad_norm)
+
+    def model_problem(self, problem):
+        return self.guess.model_problem(problem)
