@@ -16,8 +16,8 @@
   analyser's output refined by a variational solver), `NoUpdate`
   (the background: climatology, free run), `UnrolledVar`,
   `UnrolledGaussNewton`, `UnrolledADMM` (unrolled networks), `BilevelVar`
-  (4D-Var with implicit hypergradients), ensemble filters (`EnKF`, `ETKF`, `LETKF`, whose background is
-  an `Ensemble`) and hybrid ensemble-variational 4D-Var (`HybridEnVar` with a
+  (4D-Var with implicit hypergradients), ensemble filters (`EnKF`, `ETKF`,
+  `LETKF`, whose background is an `Ensemble`) and hybrid ensemble-variational 4D-Var (`HybridEnVar` with a
   `HybridCovariance`).
 - Running them: `cycle` (cycled windows, sliding windows, error scales adapted
   from innovations by `InnovationAdaptation`) and `assimilate` (independent
@@ -111,10 +111,10 @@ from ._problem import KnownValues as KnownValues
 from ._problem import Parameter as Parameter
 from ._problem import ParameterBounds as ParameterBounds
 from ._problem import StateBounds as StateBounds
-from ._proximal import ADMM as ADMM
-from ._proximal import ProximalGradient as ProximalGradient
 from ._problem import WindowProblem as WindowProblem
 from ._problem import bounded_log as bounded_log
+from ._proximal import ADMM as ADMM
+from ._proximal import ProximalGradient as ProximalGradient
 from ._stream import WindowStream as WindowStream
 from ._stream import archive_files as archive_files
 from ._stream import open_archive as open_archive

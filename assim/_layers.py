@@ -13,7 +13,7 @@ from ._networks import ProximalPrior
 from ._observations import ObservationSet
 from ._priors import AbstractPrior
 from ._problem import SPD_TAGS, Analysis, Control, WindowProblem
-from ._proximal import Anchor, with_terms
+from ._proximal import Anchor
 from ._unrolled import AbstractWindowNet
 from ._variational import TruncatedCG
 
@@ -236,7 +236,7 @@ class UnrolledADMM(AbstractWindowNet):
         def layer(carry, k):
             c, z, u = carry
             rho = jnp.exp(self.log_penalty[k])
-            anchored = with_terms(problem, Anchor(z - u, 1 / jnp.sqrt(rho)))
+            anchored = problem.with_terms(Anchor(z - u, 1 / jnp.sqrt(rho)))
             d = gauss_newton_step(
                 anchored,
                 c,

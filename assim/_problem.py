@@ -235,7 +235,9 @@ class KnownValues(AbstractCostTerm):
         if not known.any():
             raise ValueError("KnownValues: no value is known (all NaN)")
         if not tolerance > 0:
-            raise ValueError(f"KnownValues: tolerance must be positive, got {tolerance}")
+            raise ValueError(
+                f"KnownValues: tolerance must be positive, got {tolerance}"
+            )
         self.values = jnp.asarray(np.where(known, values, 0.0))
         self.known = jnp.asarray(known)
         self.tolerance = float(tolerance)
@@ -435,6 +437,10 @@ class WindowProblem(eqx.Module):
             (self.model(theta), None, None),
             is_leaf=lambda x: x is None,
         )
+
+    def with_terms(self, *terms: AbstractCostTerm) -> "WindowProblem":
+        """The problem with `terms` added to its cost."""
+        return eqx.tree_at(lambda p: p.terms, self, self.terms + tuple(terms))
 
     def with_correction(self, correction: Callable | None) -> "WindowProblem":
         """The problem with a model-error correction inside the simulator's step."""

@@ -9,14 +9,16 @@ import numpy as np
 from jaxtyping import Array
 
 from ._analyser import CONVERGED, MAX_STEPS, NON_FINITE, AbstractAnalyser, Info
-from ._observations import ObservationSet
 from ._priors import AbstractPrior
-from ._problem import AbstractCostTerm, Analysis, WindowProblem
+from ._problem import AbstractCostTerm, Analysis
 from ._variational import Variational, incremental
 
 
 def _dot(a, b):
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return sum(
+        jnp.vdot(x, y)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=False)
+    )
 
 
 def _norm(a):
@@ -43,11 +45,6 @@ class Anchor(AbstractCostTerm):
     def residual(self, trajectory, theta):
         del theta
         return (trajectory[0] - self.target) / self.std
-
-
-def with_terms(problem: WindowProblem, *terms: AbstractCostTerm) -> WindowProblem:
-    """The problem with `terms` added to its cost."""
-    return eqx.tree_at(lambda p: p.terms, problem, problem.terms + tuple(terms))
 
 
 class ProximalGradient(AbstractAnalyser):
@@ -219,7 +216,7 @@ class ADMM(AbstractAnalyser):
 
         def body(carry):
             k, c, z, u, _, costs, gnorms = carry
-            anchored = with_terms(problem, Anchor(z - u, 1 / jnp.sqrt(rho)))
+            anchored = problem.with_terms(Anchor(z - u, 1 / jnp.sqrt(rho)))
             c, _ = self.inner.solve(anchored, window, background, start=c)
             x0 = problem.analysis(c, background).initial_state
             z_new = self.prior.prox(x0 + u, 1 / rho)
@@ -238,4 +235,3 @@ class ADMM(AbstractAnalyser):
         k, c, _, _, done, costs, gnorms = jax.lax.while_loop(cond, body, carry)
         info = Info(jnp.asarray(k), _outcome(done, costs[k]), costs, gnorms)
         return problem.analysis(c, background), info
-

@@ -207,7 +207,11 @@ class UnrolledVar(AbstractWindowNet):
             else None
         )
         net = lambda cin, k: ConvNet(grid, cin, 1, width, depth, kernel, key=k)  # noqa: E731
-        kind = {"proximal": ProximalPrior, "pnp": PlugAndPlayPrior}.get(prior)
+        kind = (
+            {"proximal": ProximalPrior, "pnp": PlugAndPlayPrior}.get(prior)
+            if isinstance(prior, str)
+            else None
+        )
         if kind is not None and untied:  # K networks, stacked leaf by leaf
             prior = eqx.filter_vmap(lambda k: kind(net(1, k), scale))(
                 jax.random.split(k_prior, K)

@@ -15,7 +15,7 @@ from simulators import DelegatingLinearSolver
 
 from ._analyser import CONVERGED, FAILED, MAX_STEPS, NON_FINITE, AbstractAnalyser, Info
 from ._observations import ObservationSet
-from ._problem import Analysis, Control, WindowProblem
+from ._problem import AbstractCostTerm, Analysis, Control, WindowProblem
 
 
 class TruncatedCG(DelegatingLinearSolver):
@@ -237,26 +237,35 @@ class Variational(AbstractAnalyser):
 
 class Refined(AbstractAnalyser):
     """A first guess refined by a variational solver: `guess`'s analysis (a trained
-    network, any analyser) as the start of `refinement` on the window problem as it
-    is now, so that cost terms added at inference (bounds, a conserved total, known
-    values) are honoured by an analyser that never saw them, and a network's
-    output converges to the 4D-Var minimum (warm-start hybrid). The model is the
-    guess's (`guess.model_problem`: a network's learned parameters and correction
-    held).
+    network, any analyser) as the start of `refinement` on the window problem with
+    the cost `terms` added (steering: bounds, a conserved total, known values that
+    the guess never saw; none: the warm-start hybrid, a network's output converged
+    towards the 4D-Var minimum). The guess analyses the problem without them (a
+    network's explicit layers, trained on the plain cost, are not stable on stiff
+    penalty terms). The model is the guess's (`guess.model_problem`: a network's
+    learned parameters and correction held).
 
     **Arguments:**
 
     - `guess`: the analyser giving the first guess.
     - `refinement`: a `Variational` (e.g. `incremental` Gauss-Newton, `max_steps`
       outer loops).
+    - `terms`: cost terms (`AbstractCostTerm`) added for the refinement.
     """
 
     guess: AbstractAnalyser
     refinement: Variational
+    terms: tuple[AbstractCostTerm, ...] = ()
+
+    def __init__(self, guess, refinement, terms=()):
+        self.guess = guess
+        self.refinement = refinement
+        self.terms = tuple(terms)
 
     def __call__(self, problem, window, background):
         first, guess_info = self.guess(problem, window, background)
         model = self.guess.model_problem(problem)
+        model = model.with_terms(*self.terms)
         theta = first.theta if model.estimates_parameters else None
         start = model.control(Analysis(first.initial_state, theta, first.w), background)
         analysis, info = self.refinement(model, window, background, start=start)
