@@ -17,8 +17,8 @@
   (the background: climatology, free run), `UnrolledVar`,
   `UnrolledGaussNewton`, `UnrolledADMM` (unrolled networks), `BilevelVar`
   (4D-Var with implicit hypergradients), ensemble filters (`EnKF`, `ETKF`,
-  `LETKF`, whose background is an `Ensemble`) and hybrid ensemble-variational 4D-Var (`HybridEnVar` with a
-  `HybridCovariance`).
+  `LETKF`, whose background is an `Ensemble`) and hybrid ensemble-variational
+  4D-Var (`HybridEnVar` with a `HybridCovariance`).
 - Running them: `cycle` (cycled windows, sliding windows, error scales adapted
   from innovations by `InnovationAdaptation`) and `assimilate` (independent
   windows, batched over devices), `Scores`, `AnalysisWriter` (NetCDF).

@@ -154,9 +154,9 @@ def build_problem(
     B = instantiate_trusted(B)(simulator)
     Q = problem_cfg.get("model_error_covariance")
     Q = None if Q is None else instantiate_trusted(Q)(simulator)
-    terms = [instantiate_trusted(t) for t in problem_cfg.get("terms") or ()]
     if not problem_cfg.get("estimate_parameters", True):
         parameter = None
+    terms = build_terms(problem_cfg.get("terms"), simulator.model.grid, parameter)
     problem = WindowProblem(
         simulator,
         B,
@@ -166,6 +166,30 @@ def build_problem(
         terms=terms,
     )
     return problem, parameter
+
+
+def build_terms(term_cfgs, grid: Grid, parameter: Parameter | None) -> tuple:
+    """Cost terms from a list of term configs (`problem.terms`, `assim-run`'s
+    `steering`), each given what it needs from the problem: `ParameterBounds` the
+    estimated parameter, `KnownValues.at_points` / `.on_boundary` the grid's shape,
+    `ConservedTotal` the grid's cell size (a total is an integral) unless set."""
+    terms = []
+    for cfg in term_cfgs or ():
+        target = str(cfg.get("_target_", ""))
+        objects = {}
+        if target.endswith("ParameterBounds"):
+            if parameter is None:
+                raise ValueError(
+                    "ParameterBounds: the simulator has no estimated parameter "
+                    "(simulator.parameter, problem.estimate_parameters)"
+                )
+            objects["parameter"] = parameter
+        elif target.endswith(("KnownValues.at_points", "KnownValues.on_boundary")):
+            objects["shape"] = tuple(grid.shape)
+        elif target.endswith("ConservedTotal") and cfg.get("cell") is None:
+            objects["cell"] = float(np.prod(grid.spacing))
+        terms.append(instantiate_trusted(cfg, **objects))
+    return tuple(terms)
 
 
 def generate_twin(sim_cfg: DictConfig, twin_cfg: DictConfig, seed: int):

@@ -271,8 +271,10 @@ class Refined(AbstractAnalyser):
         analysis, info = self.refinement(model, window, background, start=start)
         if not model.estimates_parameters:
             analysis = Analysis(analysis.initial_state, first.theta, analysis.w)
-        steps = info.steps + guess_info.steps
-        return analysis, Info(steps, info.outcome, info.cost, info.grad_norm)
+        # Layers plus iterations; the costs are left to the caller (evaluated on
+        # the plain problem, as for the network alone): the refinement's record is
+        # on the augmented cost and counts its iterations only.
+        return analysis, Info(info.steps + guess_info.steps, info.outcome)
 
     def model_problem(self, problem):
         return self.guess.model_problem(problem)

@@ -127,6 +127,8 @@ RUN_SETTINGS = {
     "method.analyser.filter.inflation": (float, 1.0, None, False),
     "method.analyser.filter.rtps": (float, 0.0, 1.0, False),
     "method.analyser.variational.max_steps": (int, 1, None, False),
+    "method.refine_steps": (int, 0, None, True),
+    "method.refine_inner_steps": (int, 1, None, False),
 }
 TRAIN_SETTINGS = {
     **_COMMON,

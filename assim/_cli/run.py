@@ -24,13 +24,16 @@ from assim import (
     AnalysisWriter,
     Climatology,
     Ensemble,
+    Refined,
     Scores,
+    Variational,
     WindowsFailed,
     WindowStream,
     archive_files,
     assimilate,
     bundled_dataset,
     cycle,
+    incremental,
     obs_mean_background,
     open_archive,
     open_observations,
@@ -38,6 +41,7 @@ from assim import (
 )
 from assim._config import (
     build_problem,
+    build_terms,
     generate_twin,
     instantiate_trusted,
     load_network,
@@ -84,7 +88,7 @@ def _assimilate(cfg: DictConfig) -> dict:
         )
     check_writable(out, ("analysis.nc", "metrics.json"))
     net, length = None, method.window_length
-    if method.name == "unrolled":  # a trained network, with the simulator it knows
+    if "checkpoint" in method.keys():  # a trained network (unrolled, hybrid)
         net, problem, parameter, header = load_network(method.checkpoint)
         cfg = OmegaConf.create(
             {**OmegaConf.to_container(cfg), "simulator": header["simulator"]}
@@ -129,7 +133,17 @@ def _assimilate(cfg: DictConfig) -> dict:
     windows = (checked(w.withhold(heldout)) for w in stream)
     windows = (w for w in windows if bool(w.mask.any()))
 
-    analyser = net if net is not None else instantiate_trusted(method.analyser)
+    steering = build_terms(cfg.get("steering"), grid, parameter)
+    if net is not None:
+        analyser = _network_analyser(net, method, steering)
+    else:
+        analyser = instantiate_trusted(method.analyser)
+        if steering and isinstance(analyser, AbstractEnsembleAnalyser):
+            raise ValueError(
+                f"steering terms need a variational method; {method.name} is an "
+                "ensemble filter"
+            )
+        problem = problem.with_terms(*steering)
     if isinstance(analyser, AbstractEnsembleAnalyser):
         problem, parameter, background = _ensemble_start(
             cfg, analyser, problem, parameter, background
@@ -177,6 +191,25 @@ def _assimilate(cfg: DictConfig) -> dict:
     finally:
         if bar is not None:
             bar.close()
+
+
+def _network_analyser(net, method, steering):
+    """A trained network, or with `method.refine_steps` (the warm-start hybrid) or
+    steering terms its analysis refined by incremental Gauss-Newton iterations of
+    4D-Var on the window cost with the terms added (`assim.Refined`). Steering a
+    network without refinement steps gets 5: its layers never saw the terms."""
+    steps = method.get("refine_steps")
+    steps = (5 if steering else 0) if steps is None else int(steps)
+    if steps == 0:
+        if steering:
+            raise ValueError(
+                "steering terms on a trained network need refinement steps "
+                "(method.refine_steps > 0): the network never saw them"
+            )
+        return net
+    solver = incremental(inner_steps=int(method.get("refine_inner_steps", 20)))
+    refinement = Variational(solver, max_steps=steps, gradient_rtol=1e-3)
+    return Refined(net, refinement, steering)
 
 
 def _with_progress(results, bar):
