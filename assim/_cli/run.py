@@ -88,7 +88,7 @@ def _assimilate(cfg: DictConfig) -> dict:
         )
     check_writable(out, ("analysis.nc", "metrics.json"))
     net, length = None, method.window_length
-    if "checkpoint" in method.keys():  # a trained network (unrolled, hybrid)
+    if "checkpoint" in list(method):  # a trained network (unrolled, hybrid; "???")
         net, problem, parameter, header = load_network(method.checkpoint)
         cfg = OmegaConf.create(
             {**OmegaConf.to_container(cfg), "simulator": header["simulator"]}
