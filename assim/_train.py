@@ -70,6 +70,12 @@ class TrainSettings:
       finite, and not over one whose loss was much lower (a diverging run).
     - `seed`: batches and masks are drawn from `fold_in(seed, step)`, so that a
       resumed run draws what the uninterrupted run would have.
+    - `keep_best`: the trained network (returned, and the checkpoint written at
+      the end) is the state of the lowest validation loss, not the last (early
+      stopping; needs validation windows and `validate_every`). A resumed run
+      continues from that state.
+    - `patience`: with `n > 0`, training stops once the validation loss has not
+      improved for `n` validations (0: runs all `steps`).
     """
 
     steps: int = 200
@@ -86,8 +92,12 @@ class TrainSettings:
     checkpoint_every: int = 50
     cycle_every: int = 0
     seed: int = 0
+    keep_best: bool = False
+    patience: int = 0
 
     def __post_init__(self):
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0, got {self.patience}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be positive")
         if self.cycle_every < 0:
@@ -511,6 +521,18 @@ def train(
             with open(log, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    best = {"loss": np.inf, "state": None, "step": None, "since": 0}
+
+    def remember(state, scores) -> bool:
+        """Track the lowest validation loss; whether to stop (patience spent)."""
+        if scores["loss"] < best["loss"]:
+            best.update(loss=scores["loss"], step=int(state.step), since=0)
+            if settings.keep_best:
+                best["state"] = state
+        else:
+            best["since"] += 1
+        return bool(settings.patience) and best["since"] >= settings.patience
+
     try:
         while int(state.step) < settings.steps:
             step = int(state.step)
@@ -552,12 +574,19 @@ def train(
                     network(net, state), problem, validation_data(state), settings
                 )
                 record["validation"] = scores
+                if remember(state, scores):
+                    record["stopped_early"] = True
+                    done = True
+                record["validation_best_step"] = best["step"]
+            if done and best["state"] is not None:
+                state = best["state"]  # keep_best: the best validated state
             write(record)
             if on_step is not None:
                 on_step(step + 1, record)
             every = settings.checkpoint_every
             if done:
                 save(state)
+                break
             elif every and (step + 1) % every == 0:
                 pending = state
     finally:

@@ -798,3 +798,38 @@ def test_learned_parts_are_modules_or_shortcuts(l96_windows, getkey):
     assert tree_allclose(given, built, rtol=0, atol=0)
     with pytest.raises(ValueError, match="prior must be"):
         UnrolledVar(grid, 3, prior="tv", key=key)
+
+
+def test_keep_best_and_patience(l96_windows, getkey, tmp_path):
+    """Early stopping: with `keep_best` the returned network and the checkpoint are
+    the state of the lowest validation loss (re-evaluated: the same loss); with
+    `patience=2` training stops two validations after its best."""
+    from assim import evaluate
+
+    l96, B, windows = l96_windows
+    data = windows_batch(windows, (40,))
+    net, problem = make_net(l96, B, getkey())
+    settings = TrainSettings(
+        steps=12,
+        batch_size=2,
+        learning_rate=0.3,  # a rate that overshoots: the validation loss turns up
+        warmup_steps=1,
+        validate_every=1,
+        checkpoint_every=0,
+        loss=WeightedLoss.of(supervised=1.0),
+        keep_best=True,
+        patience=2,
+    )
+    path = tmp_path / "best.eqx"
+    trained, records = train(
+        net, problem, data, settings, validation=data, checkpoint=path
+    )
+    losses = [r["validation"]["loss"] for r in records]
+    best = int(np.argmin(losses))
+    assert records[-1]["validation_best_step"] == best + 1
+    assert records[-1].get("stopped_early"), losses  # it turned up in 12 steps
+    assert len(records) == best + 3, losses  # two validations without improvement
+    np.testing.assert_allclose(
+        evaluate(trained, problem, data, settings)["loss"], losses[best], rtol=1e-5
+    )
+    assert json.loads(path.read_bytes().split(b"\n", 1)[0])["step"] == best + 1

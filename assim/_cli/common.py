@@ -144,6 +144,8 @@ TRAIN_SETTINGS = {
     "training.validate_every": (int, 0, None, False),
     "training.checkpoint_every": (int, 0, None, False),
     "training.cycle_every": (int, 0, None, False),
+    "training.keep_best": (bool, None, None, False),
+    "training.patience": (int, 0, None, False),
 }
 DATA_SETTINGS = {
     key: v
