@@ -61,6 +61,11 @@ class DiagonalCovariance(AbstractCovariance):
         if is_concrete(self.std) and not np.all(np.asarray(self.std) > 0):
             raise ValueError("background error std must be positive")
 
+    @classmethod
+    def uniform(cls, simulator, std: float = 1.0) -> "DiagonalCovariance":
+        """`std^2 I` on `simulator`'s grid (a config's `_partial_` covariance)."""
+        return cls(jnp.full(simulator.model.grid.shape, float(std)))
+
     def sqrt(self, v):
         return self.std * v
 

@@ -95,7 +95,15 @@ def _assimilate(cfg: DictConfig) -> dict:
         )
         length = length or header["n_times"]
     else:  # the interval is set once the file is read
-        problem, parameter = build_problem(cfg.simulator, cfg.problem, 1)
+        problem_cfg = cfg.problem
+        if problem_cfg.get("background_covariance") is None and method.get(
+            "background_covariance"
+        ):  # the method's own B (a non-smooth prior's uncorrelated B)
+            problem_cfg = OmegaConf.merge(
+                problem_cfg,
+                {"background_covariance": method.background_covariance},
+            )
+        problem, parameter = build_problem(cfg.simulator, problem_cfg, 1)
     grid = problem.simulator.model.grid
     dtype = jnp.zeros(()).dtype
     ds, path, interval = open_data(cfg, grid, out)

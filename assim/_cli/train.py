@@ -74,7 +74,7 @@ def _train(cfg: DictConfig) -> dict:
     net, problem, parameter = build_network(
         cfg, n_times=length, interval=interval, scale=scale, seed=cfg.seed
     )
-    if cfg.network.get("stable_steps"):  # steps stable on the first training window
+    if cfg.network.get("stable_steps") and hasattr(net, "with_stable_steps"):
         net = net.with_stable_steps(
             problem, jax.tree.map(lambda a: a[0], first.obs), first.background[0]
         )
