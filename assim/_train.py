@@ -393,6 +393,7 @@ def train(
     resume: bool = False,
     log: str | Path | None = None,
     on_step: Callable[[int, dict], None] | None = None,
+    on_validation: Callable[[int, AbstractWindowNet, dict], None] | None = None,
     mesh: Mesh | None = None,
     window_numbers: tuple | None = None,
 ) -> tuple[AbstractWindowNet, list[dict]]:
@@ -415,6 +416,9 @@ def train(
     - `log`: JSON-lines metrics file (appended to when resuming; entries after the
       checkpoint's step are dropped).
     - `on_step`: called as `on_step(step, record)` after every step (progress bars).
+    - `on_validation`: called as `on_validation(step, network, scores)` after each
+      validation, with the network as trained so far (e.g. to score it on a test
+      set).
     - `mesh`: the devices that share each batch (`assim.batch_mesh`; default: every
       device of every process). `batch_size` must divide across them. One device
       or many, the steps are the same up to floating-point summation order.
@@ -574,6 +578,8 @@ def train(
                     network(net, state), problem, validation_data(state), settings
                 )
                 record["validation"] = scores
+                if on_validation is not None:
+                    on_validation(step + 1, network(net, state), scores)
                 if remember(state, scores):
                     record["stopped_early"] = True
                     done = True

@@ -1,0 +1,144 @@
+"""Does a trained network's analysis, refined by a few Gauss-Newton iterations,
+reach 4D-Var's accuracy sooner than 4D-Var started cold?
+
+Everything runs through the command line a user runs (`assim-data`, `assim-train`,
+`assim-run`, as subprocesses): a Lorenz-96 twin (half the variables observed at
+stations, noise std `--noise`, windows of 5 observation times 0.05 apart), one file
+to train on and another (another seed) to assimilate; `assim-train` fits an
+unrolled network (`--layers` layers, masking loss: no truth); then, cycled over
+the assimilated file's windows:
+
+- `assim-run method=hybrid method.refine_steps=N` for N = 0 (the network alone),
+  1, 2, 5: the network's analysis refined by N incremental Gauss-Newton iterations
+  of 4D-Var (20 CG iterations each);
+- `assim-run method=var4d method.analyser.max_steps=N` (cold start from the
+  cycled background) for N = 1, 2, 5, 20.
+
+Printed: analysis RMSE against the truth, the steady wall time per window (after
+the first window, which compiles) and the run's total wall time.
+
+`python benchmarks/bench_warm_start.py` (about 10 minutes on 2 CPU cores).
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import print_table
+
+
+def app(name, run_dir, *overrides):
+    """Run `assim-<name>` with `overrides` in `run_dir`; its stderr on failure."""
+    command = [
+        sys.executable,
+        "-m",
+        f"assim._cli.{name}",
+        f"hydra.run.dir={run_dir}",
+        "progress=false",
+        *overrides,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--noise", type=float, default=1.0)
+    parser.add_argument("--train-times", type=int, default=800)
+    parser.add_argument("--test-times", type=int, default=200)
+    parser.add_argument("--hybrid", type=int, nargs="+", default=[0, 1, 2, 5])
+    parser.add_argument("--cold", type=int, nargs="+", default=[1, 2, 5, 20])
+    parser.add_argument("--out", type=Path, help="keep the runs here")
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_warm_start."))
+    twin = [
+        "simulator=lorenz96",
+        "twin.window_length=5",
+        "twin.sensors.pattern=stations",
+        "twin.sensors.density=0.5",
+        "twin.sensors.dropout=0.0",
+        f"twin.noise_std={args.noise}",
+        "twin.truth.missing_term.kind=none",
+        "twin.splits=[0.8,0.2,0.0]",
+    ]
+    for name, times, seed in (
+        ("train", args.train_times, 0),
+        ("test", args.test_times, 1),
+    ):
+        app(
+            "data",
+            out,
+            *twin,
+            f"twin.n_times={times}",
+            f"seed={seed}",
+            f"output={out / name}.nc",
+        )
+    print(f"twins written in {out} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    t1 = time.perf_counter()
+    app(
+        "train",
+        out / "network",
+        "simulator=lorenz96",
+        "data=file",
+        f"data.path={out / 'train.nc'}",
+        f"network.net.n_layers={args.layers}",
+        f"training.steps={args.steps}",
+        "training.batch_size=8",
+    )
+    print(f"assim-train: {time.perf_counter() - t1:.0f} s", flush=True)
+    checkpoint = out / "network" / "checkpoint.eqx"
+    common = [
+        "simulator=lorenz96",
+        "data=file",
+        f"data.path={out / 'test.nc'}",
+        "data.heldout_fraction=0",
+        "plot=false",
+    ]
+    runs = [
+        (
+            "network" if n == 0 else f"network + {n} Gauss-Newton",
+            ["method=hybrid", f"method.checkpoint={checkpoint}"]
+            + [f"method.refine_steps={n}"],
+        )
+        for n in args.hybrid
+    ] + [
+        (
+            f"4D-Var, {n} Gauss-Newton (cold)",
+            ["method=var4d", f"method.analyser.max_steps={n}"],
+        )
+        for n in args.cold
+    ]
+    rows = []
+    for i, (name, overrides) in enumerate(runs):
+        app("run", out / f"run{i}", *common, *overrides)
+        m = json.loads((out / f"run{i}" / "metrics.json").read_text())
+        per_window = m["seconds_per_time_after_first_window"] * 5
+        rows.append(
+            [
+                name,
+                f"{m['rmse_truth']:.3f}",
+                f"{per_window * 1e3:.0f}",
+                f"{m['wall_time_s']:.1f}",
+            ]
+        )
+        print(f"  {' | '.join(rows[-1])}", flush=True)
+    print_table(
+        f"Lorenz-96 twin, {args.test_times // 5} windows of 5 times, noise "
+        f"{args.noise:g}, cycled; network: {args.layers} layers, masking loss, "
+        f"{args.steps} steps",
+        ["analyser", "analysis RMSE", "ms / window (steady)", "run wall s"],
+        rows,
+    )
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
