@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import xarray as xr
 
 
@@ -494,3 +495,43 @@ def test_archive_of_files_streamed_to_train_and_run(tmp_path):
     assert f"{archive / 'obs_2.nc'}: does not match" in bad.stderr
     assert "obs_0.nc: variables" in bad.stderr
     assert not (tmp_path / "bad" / "analysis.nc").exists()
+
+
+@pytest.mark.parametrize("network", ["unrolled_gn", "unrolled_admm"])
+def test_train_then_run_unrolled_solvers(tmp_path, network):
+    """`assim-train network=unrolled_gn` / `unrolled_admm` (two steps on a tiny
+    Lorenz-96 twin), then the checkpoint run by `assim-run`: better than the
+    background."""
+    small = [*TINY_L96_TWIN, f"network={network}", "network.net.n_layers=2"]
+    trained = _app(
+        "train",
+        tmp_path,
+        *small,
+        "training.batch_size=1",
+        "training.steps=2",
+        "progress=false",
+    )
+    assert trained.returncode == 0, trained.stderr
+    metrics = _run_checkpoint(tmp_path, "run")
+    assert metrics["rmse_truth"] < 0.7 * metrics["rmse_background"], metrics
+
+
+def test_run_tv_4dvar(tmp_path):
+    """`assim-run method=tv_4dvar` (FISTA with a TV prior, its diagonal B) on a
+    small 1D twin: better than the background; a `problem.background_covariance`
+    given on the command line is used instead of the method's."""
+    run = _app(
+        "run",
+        tmp_path,
+        *_SMALL_1D,
+        "data=twin",
+        "method=tv_4dvar",
+        "method.analyser.prior.periodic=false",
+        "method.analyser.max_steps=50",
+        "plot=false",
+        "progress=false",
+    )
+    assert run.returncode == 0, run.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["rmse_truth"] < metrics["rmse_background"], metrics
+    assert metrics["method"]["analyser"]["_target_"] == "assim.ProximalGradient"
