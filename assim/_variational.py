@@ -14,6 +14,7 @@ from jaxtyping import Array
 from simulators import DelegatingLinearSolver
 
 from ._analyser import CONVERGED, FAILED, MAX_STEPS, NON_FINITE, AbstractAnalyser, Info
+from ._covariance import AbstractCovariance
 from ._observations import ObservationSet
 from ._problem import AbstractCostTerm, Analysis, Control, WindowProblem
 
@@ -251,19 +252,29 @@ class Refined(AbstractAnalyser):
     - `refinement`: a `Variational` (e.g. `incremental` Gauss-Newton, `max_steps`
       outer loops).
     - `terms`: cost terms (`AbstractCostTerm`) added for the refinement.
+    - `guess_covariance`: the `B` the guess analyses with (a network: the one it
+      was trained with, while cycling adapts the problem's for the refinement);
+      `None`: the problem's.
     """
 
     guess: AbstractAnalyser
     refinement: Variational
     terms: tuple[AbstractCostTerm, ...] = ()
+    guess_covariance: AbstractCovariance | None = None
 
-    def __init__(self, guess, refinement, terms=()):
+    def __init__(self, guess, refinement, terms=(), guess_covariance=None):
         self.guess = guess
         self.refinement = refinement
         self.terms = tuple(terms)
+        self.guess_covariance = guess_covariance
 
     def __call__(self, problem, window, background):
-        first, guess_info = self.guess(problem, window, background)
+        guess_problem = problem
+        if self.guess_covariance is not None:
+            guess_problem = eqx.tree_at(
+                lambda p: p.background_covariance, problem, self.guess_covariance
+            )
+        first, guess_info = self.guess(guess_problem, window, background)
         model = self.guess.model_problem(problem)
         model = model.with_terms(*self.terms)
         theta = first.theta if model.estimates_parameters else None

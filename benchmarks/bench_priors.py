@@ -159,8 +159,8 @@ def main():
     admm = ADMM(  # one warm-started Gauss-Newton iteration per x-update
         TotalVariation(w_tv, periodic=True, iterations=100),
         penalty=3.0,
-        inner=Variational(incremental(inner_steps=30, inner_rtol=1e-6), 1),
-        max_steps=60,
+        inner=Variational(incremental(inner_steps=20, inner_rtol=1e-6), 1),
+        max_steps=30,
         rtol=1e-3,
     )
     methods = [

@@ -38,7 +38,7 @@ def app(name, run_dir, *overrides):
         "-m",
         f"assim._cli.{name}",
         f"hydra.run.dir={run_dir}",
-        "progress=false",
+        *([] if name == "data" else ["progress=false"]),
         *overrides,
     ]
     done = subprocess.run(command, capture_output=True, text=True)

@@ -143,7 +143,7 @@ def _assimilate(cfg: DictConfig) -> dict:
 
     steering = build_terms(cfg.get("steering"), grid, parameter)
     if net is not None:
-        analyser = _network_analyser(net, method, steering)
+        analyser = _network_analyser(net, method, steering, problem)
     else:
         analyser = instantiate_trusted(method.analyser)
         if steering and isinstance(analyser, AbstractEnsembleAnalyser):
@@ -157,6 +157,8 @@ def _assimilate(cfg: DictConfig) -> dict:
             cfg, analyser, problem, parameter, background
         )
     adaptation = method.get("adaptation")
+    if net is not None and analyser is net:  # a bare network keeps its trained B
+        adaptation = None
     if adaptation is not None:
         adaptation = instantiate_trusted(adaptation)
     if method.get("cycle", True):
@@ -201,11 +203,13 @@ def _assimilate(cfg: DictConfig) -> dict:
             bar.close()
 
 
-def _network_analyser(net, method, steering):
+def _network_analyser(net, method, steering, problem):
     """A trained network, or with `method.refine_steps` (the warm-start hybrid) or
     steering terms its analysis refined by incremental Gauss-Newton iterations of
     4D-Var on the window cost with the terms added (`assim.Refined`). Steering a
-    network without refinement steps gets 5: its layers never saw the terms."""
+    network without refinement steps gets 5: its layers never saw the terms. With
+    `method.adaptation` the refinement's B is adapted while cycling; the network
+    keeps the B it was trained with."""
     steps = method.get("refine_steps")
     steps = (5 if steering else 0) if steps is None else int(steps)
     if steps == 0:
@@ -217,7 +221,8 @@ def _network_analyser(net, method, steering):
         return net
     solver = incremental(inner_steps=int(method.get("refine_inner_steps", 20)))
     refinement = Variational(solver, max_steps=steps, gradient_rtol=1e-3)
-    return Refined(net, refinement, steering)
+    trained_b = problem.background_covariance if method.get("adaptation") else None
+    return Refined(net, refinement, steering, guess_covariance=trained_b)
 
 
 def _with_progress(results, bar):
