@@ -87,8 +87,13 @@ class InnovationAdaptation(eqx.Module):
 
     def init(self) -> AdaptationState:
         """No window seen: both factors 1."""
-        zero, one = jnp.asarray(0.0), jnp.asarray(1.0)
-        return AdaptationState(zero, zero, zero, zero, one, one, jnp.asarray(0))
+        # Strongly typed (not weak): the updated state has the same types, so the
+        # second window does not compile the cycle's program again.
+        dtype = jnp.zeros(()).dtype
+        zero, one = jnp.zeros((), dtype), jnp.ones((), dtype)
+        return AdaptationState(
+            zero, zero, zero, zero, one, one, jnp.zeros((), jnp.int32)
+        )
 
     def apply(
         self, problem: WindowProblem, window: ObservationSet, state: AdaptationState

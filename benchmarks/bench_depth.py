@@ -305,7 +305,9 @@ def main():
     parser.add_argument("--ablation-noise", type=float, default=1.0)
     parser.add_argument("--skip", choices=["depth", "ablation"], nargs="*", default=[])
     parser.add_argument("--no-reference", dest="reference", action="store_false")
-    parser.add_argument("--plot", type=Path, default=Path("docs/depth.png"))
+    parser.add_argument(
+        "--plot", type=Path, default=Path(__file__).parents[1] / "docs" / "depth.png"
+    )
     add_common_arguments(parser)
     args = parser.parse_args()
     use_common_arguments(args)
