@@ -166,3 +166,26 @@ def test_parameter_bounds_act_on_the_physical_value():
     assert bounds.residual(jnp.zeros((1, 32)), None).shape == ()
     with pytest.raises(ValueError, match="lower or an upper"):
         ParameterBounds(parameter)
+
+
+def test_refined_guess_keeps_its_own_covariance():
+    """`Refined(guess_covariance=B0)`: the guess analyses with `B0` (the B a network
+    was trained with) while the refinement runs on the problem's (adapted) B."""
+    from assim import AbstractAnalyser, Analysis, Info, ScaledCovariance
+
+    class Spy(AbstractAnalyser):  # its analysis shows the B it was given
+        def __call__(self, problem, window, background):
+            shift = problem.background_covariance.sqrt(jnp.ones_like(background))
+            return Analysis(background + shift), Info(jnp.asarray(0), jnp.asarray(4))
+
+    window, truth = _window(0)
+    B0 = DiffusionCovariance(GRID, 0.5, 0.1)
+    problem = WindowProblem(SIMULATOR, ScaledCovariance(B0, jnp.asarray(0.3)), 2)
+    background = jnp.zeros_like(truth)
+    step = Variational(incremental(inner_steps=1), max_steps=1)  # start-dependent
+    refined, _ = Refined(Spy(), step, guess_covariance=B0)(problem, window, background)
+    start = problem.control(Analysis(background + B0.sqrt(jnp.ones(32))), background)
+    direct, _ = step(problem, window, background, start=start)
+    np.testing.assert_allclose(refined.initial_state, direct.initial_state, atol=1e-6)
+    plain, _ = Refined(Spy(), step)(problem, window, background)  # the problem's B
+    assert not np.allclose(plain.initial_state, direct.initial_state, atol=1e-3)
