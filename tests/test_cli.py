@@ -303,6 +303,12 @@ def test_run_lorenz96_methods_on_one_twin(tmp_path):
             x = ds["analysis"].values
         violation[name] = max(float(x.max() - upper), float(lower - x.min()), 0.0)
     assert violation["var4d_bounded"] < 0.01 < violation["var4d"], violation
+    (reported,) = found["var4d_bounded"]["steering"]  # also in metrics.json
+    assert reported["term"] == "StateBounds" and reported["tolerance"] == 0.01
+    np.testing.assert_allclose(
+        reported["max_violation"], violation["var4d_bounded"], rtol=1e-4, atol=1e-9
+    )
+    assert found["var4d"]["steering"] == []
     assert rmse["var4d_bounded"] <= rmse["var4d"] * 1.01, rmse
 
 

@@ -191,12 +191,25 @@ def _assimilate(cfg: DictConfig) -> dict:
         # disable=None: no bar when the output is not a terminal (a log file).
         bar = tqdm(total=count, desc=method.name, unit="window", disable=None)
         results = _with_progress(results, bar)
+    violations = {}  # each steering term's largest violation of the analyses
+    if steering:
+        results = _term_violations(results, steering, violations)
     # The analysed times: every window's, or with sliding windows the first
     # window's and each later window's newest `shift`.
     times = length + (count - 1) * shift if shift else count * length
     try:
         return _finish(
-            cfg, ds, path, out, t_start, grid, parameter, results, times, rejected
+            cfg,
+            ds,
+            path,
+            out,
+            t_start,
+            grid,
+            parameter,
+            results,
+            times,
+            rejected,
+            violations,
         )
     finally:
         if bar is not None:
@@ -223,6 +236,23 @@ def _network_analyser(net, method, steering, problem):
     refinement = Variational(solver, max_steps=steps, gradient_rtol=1e-3)
     trained_b = problem.background_covariance if method.get("adaptation") else None
     return Refined(net, refinement, steering, guess_covariance=trained_b)
+
+
+def _term_violations(results, terms, found: dict):
+    """`results`, recording in `found` each steering term's largest violation of
+    the analyses in the term's units (`|residual| x tolerance`), with its
+    tolerance."""
+    for result in results:
+        theta = None if result.theta is None else jnp.asarray(result.theta)
+        trajectory = jnp.asarray(result.analysis)
+        for i, term in enumerate(terms):
+            residual = jnp.abs(term.residual(trajectory, theta))
+            worst = float(jnp.max(residual)) * term.tolerance if residual.size else 0.0
+            entry = found.setdefault(
+                i, {"term": type(term).__name__, "tolerance": term.tolerance}
+            )
+            entry["max_violation"] = max(entry.get("max_violation", 0.0), worst)
+        yield result
 
 
 def _with_progress(results, bar):
@@ -290,7 +320,9 @@ def _first_background(ds, length: int, method, problem):
     )
 
 
-def _finish(cfg, ds, path, out, t_start, grid, parameter, results, times, rejected):
+def _finish(
+    cfg, ds, path, out, t_start, grid, parameter, results, times, rejected, violations
+):
     """Write each window's result to `analysis.nc` as it comes and score it; then
     `metrics.json` and the plots. Windows whose analysis failed (a non-finite cost,
     a solver failure) are reported there and end the run with `WindowsFailed`
@@ -344,6 +376,7 @@ def _finish(cfg, ds, path, out, t_start, grid, parameter, results, times, reject
             **scores.metrics(),
             **_consistency(summaries, cfg.scoring),
             "observations_rejected": int(sum(rejected)),
+            "steering": [violations[i] for i in sorted(violations)],
             "compilation": COMPILE_STATS.summary(),
         }
         failed = _failed_windows(summaries)
