@@ -20,7 +20,7 @@ initial state, RMSE of the analysed trajectory, RMSE within two cells of a jump
 (the fronts), total variation of the analysis over the truth's; and the wall time
 per window (one window per compiled call, best of `--repeats`).
 
-`python benchmarks/bench_priors.py` (about 15 minutes on 2 CPU cores).
+`python benchmarks/bench_priors.py` (about 20 minutes on 2 CPU cores, most of it ADMM).
 """
 
 import argparse

@@ -17,7 +17,7 @@ the assimilated file's windows:
 Printed: analysis RMSE against the truth, the steady wall time per window (after
 the first window, which compiles) and the run's total wall time.
 
-`python benchmarks/bench_warm_start.py` (about 10 minutes on 2 CPU cores).
+`python benchmarks/bench_warm_start.py` (about 3 minutes on 2 CPU cores).
 """
 
 import argparse
