@@ -88,6 +88,20 @@ def test_l1_priors_are_exact():
         wavelet(jnp.zeros((6, 8)))
 
 
+def _observed(states):
+    """Half of the points of `states` (3 times 0.04 apart) observed, noise 0.1."""
+    rng = np.random.default_rng(0)
+    mask = rng.random(states.shape) < 0.5
+    values = np.where(mask, states + 0.1 * rng.normal(size=states.shape), 0.0)
+    return ObservationSet(
+        jnp.asarray(values),
+        jnp.asarray(mask),
+        jnp.full(states.shape, 0.1),
+        jnp.arange(3) * 0.04,
+        states,
+    )
+
+
 def _step_twin(n=24):
     """A linear window (periodic advection-diffusion) of a step in the state, half
     of the points observed at 3 times with noise 0.1."""
@@ -97,17 +111,7 @@ def _step_twin(n=24):
         sim.AdvectionDiffusion(grid, 0.002, [0.5]), sim.crank_nicolson(), 0.02
     )
     truth = jnp.asarray(np.where((x > 0.25) & (x < 0.6), 1.0, 0.0))
-    states = simulator.rollout(truth, 4)[::2]
-    rng = np.random.default_rng(0)
-    mask = rng.random(states.shape) < 0.5
-    values = np.where(mask, states + 0.1 * rng.normal(size=states.shape), 0.0)
-    window = ObservationSet(
-        jnp.asarray(values),
-        jnp.asarray(mask),
-        jnp.full(states.shape, 0.1),
-        jnp.arange(3) * 0.04,
-        states,
-    )
+    window = _observed(simulator.rollout(truth, 4)[::2])
     return simulator, window, truth
 
 
@@ -144,17 +148,7 @@ def _burgers_window():
     x = np.asarray(grid.coordinates(0))
     simulator = sim.Simulator(sim.Burgers(grid, 0.02), sim.crank_nicolson(), 0.02)
     truth = jnp.asarray(np.sin(2 * np.pi * x))
-    states = simulator.rollout(truth, 4)[::2]
-    rng = np.random.default_rng(0)
-    mask = rng.random(states.shape) < 0.5
-    values = np.where(mask, states + 0.1 * rng.normal(size=states.shape), 0.0)
-    window = ObservationSet(
-        jnp.asarray(values),
-        jnp.asarray(mask),
-        jnp.full(states.shape, 0.1),
-        jnp.arange(3) * 0.04,
-        states,
-    )
+    window = _observed(simulator.rollout(truth, 4)[::2])
     problem = WindowProblem(simulator, DiffusionCovariance(grid, 0.5, 0.1), 2)
     return problem, window, 0.7 * truth, truth
 
