@@ -103,7 +103,7 @@ class InnovationAdaptation(eqx.Module):
         scaled = ScaledCovariance(
             problem.background_covariance, jnp.sqrt(state.background_variance)
         )
-        problem = eqx.tree_at(lambda p: p.background_covariance, problem, scaled)
+        problem = problem.with_background_covariance(scaled)
         std = window.error_std * jnp.sqrt(state.observation_variance)
         return problem, dataclasses.replace(window, error_std=std)
 

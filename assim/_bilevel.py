@@ -214,10 +214,8 @@ class BilevelVar(AbstractWindowNet):
         """The network's problem (its parameters and correction in the model) with
         `B` scaled by `s^2`."""
         problem = super().model_problem(problem)
-        return eqx.tree_at(
-            lambda p: p.background_covariance,
-            problem,
-            ScaledCovariance(problem.background_covariance, jnp.exp(self.log_scale)),
+        return problem.with_background_covariance(
+            ScaledCovariance(problem.background_covariance, jnp.exp(self.log_scale))
         )
 
     def inner_problem(self, problem: WindowProblem) -> WindowProblem:

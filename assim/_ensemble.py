@@ -557,10 +557,8 @@ class HybridEnVar(AbstractEnsembleAnalyser):
         )
 
     def analyse_window(self, problem, window, background):
-        hybrid = eqx.tree_at(
-            lambda p: p.background_covariance,
-            problem,
-            self.covariance(problem, background),
+        hybrid = problem.with_background_covariance(
+            self.covariance(problem, background)
         )
         mean = background.mean
         analysis, info = self.variational(hybrid, window, mean)

@@ -438,6 +438,10 @@ class WindowProblem(eqx.Module):
             is_leaf=lambda x: x is None,
         )
 
+    def with_background_covariance(self, B: AbstractCovariance) -> "WindowProblem":
+        """The problem with `B` as its background-error covariance."""
+        return eqx.tree_at(lambda p: p.background_covariance, self, B)
+
     def with_terms(self, *terms: AbstractCostTerm) -> "WindowProblem":
         """The problem with `terms` added to its cost."""
         return eqx.tree_at(lambda p: p.terms, self, self.terms + tuple(terms))

@@ -271,9 +271,7 @@ class Refined(AbstractAnalyser):
     def __call__(self, problem, window, background):
         guess_problem = problem
         if self.guess_covariance is not None:
-            guess_problem = eqx.tree_at(
-                lambda p: p.background_covariance, problem, self.guess_covariance
-            )
+            guess_problem = problem.with_background_covariance(self.guess_covariance)
         first, guess_info = self.guess(guess_problem, window, background)
         model = self.guess.model_problem(problem)
         model = model.with_terms(*self.terms)
