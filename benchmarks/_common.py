@@ -8,6 +8,8 @@ analyser and the window problem, as `assim-run` runs it."""
 
 import argparse
 import hashlib
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -438,3 +440,18 @@ def bundled_setup(layers: int, test_windows: int = 0):
         f"{test.size} test windows"
     )
     return ds, data, validation, test, net, problem, parameter
+
+
+def app(name, run_dir, *overrides):
+    """Run `assim-<name>` with `overrides` in `run_dir`; its stderr on failure."""
+    command = [
+        sys.executable,
+        "-m",
+        f"assim._cli.{name}",
+        f"hydra.run.dir={run_dir}",
+        *([] if name == "data" else ["progress=false"]),
+        *overrides,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")

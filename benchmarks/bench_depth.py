@@ -38,6 +38,7 @@ import numpy as np
 from _common import (
     add_common_arguments,
     analyser_method,
+    app,
     innovation_scaled_b,
     l96_problem,
     l96_simulator,
@@ -45,13 +46,16 @@ from _common import (
     l96_windows,
     lbfgs,
     print_table,
+    select,
     use_common_arguments,
 )
 
 from assim import (
     NeuralCorrection,
     TrainSettings,
+    Variational,
     WeightedLoss,
+    incremental,
     train,
 )
 
@@ -129,14 +133,76 @@ def setup(simulator, noise, args):
     return data, validation, test, problem, make_net
 
 
+def bundled_setups(args):
+    """`noise -> (data, validation, test, problem, make_net)` of the bundled problem
+    at a smaller grid: a twin per noise level written by `assim-data` as the bundled
+    dataset was (2D advection-diffusion, backward-Euler truth with a random
+    diffusivity field, moving tracks observing 5% of the grid), at `--grid`^2, with
+    windows of `--window` times; the networks built as `assim-train` builds them
+    (IMEX ARS222, the diffusivity field learned) with K layers."""
+    import xarray as xr
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from assim import split_windows, windows_batch
+    from assim._config import build_network
+
+    shape = f"simulator.model.grid.shape=[{args.grid},{args.grid}]"
+    n_windows = args.train_windows + 32 + args.test_windows
+    out = Path(tempfile.mkdtemp(prefix="bench_depth."))
+    with initialize_config_module("assim.configs", version_base=None):
+        cfg = compose("train", overrides=[shape])
+    interval = 5
+
+    def setups(noise):
+        path = out / f"noise{noise:g}.nc"
+        app(
+            "data",
+            out,
+            "simulator=advection_diffusion2d",
+            shape,
+            f"twin.noise_std={noise}",
+            "twin.truth.missing_term.kind=none",
+            f"twin.observation_interval={interval}",
+            f"twin.window_length={args.window}",
+            f"twin.n_times={n_windows * args.window}",
+            f"twin.splits=[{args.train_windows / n_windows},{32 / n_windows},"
+            f"{args.test_windows / n_windows}]",
+            f"output={path}",
+        )
+        with xr.open_dataset(path) as ds:
+            groups = split_windows(ds.load(), args.window, jnp.float64)
+        data, validation, test = (
+            windows_batch(groups[k], (args.grid, args.grid)) for k in (0, 1, 2)
+        )
+        scale = data.observed_std()
+
+        def make_net(K, **options):
+            layered = OmegaConf.merge(cfg, {"network": {"net": {"n_layers": K}}})
+            net, problem, _ = build_network(
+                layered, n_times=args.window, interval=interval, scale=scale, seed=0
+            )
+            if options:
+                raise ValueError("the 2D study runs no ablation")
+            first = select(data.obs, 0)
+            return net.with_stable_steps(problem, first, data.background[0])
+
+        _, problem, _ = build_network(
+            cfg, n_times=args.window, interval=interval, scale=scale, seed=0
+        )
+        return data, validation, test, problem, make_net
+
+    return setups
+
+
 def depth_study(setups, args, noises):
     results, reference = {}, {}  # noise -> K -> history; noise -> 4D-Var's
     for noise in noises:
         data, validation, test, problem, make_net = setups(noise)
         score = scorer(problem, test)
-        reference[noise] = score(lbfgs(1000)) if args.reference else None
+        reference[noise] = score(args.reference()) if args.reference else None
         if reference[noise] is not None:
-            print(f"  noise {noise:g}: 4D-Var (L-BFGS) {reference[noise][0]:.3f}")
+            print(f"  noise {noise:g}: 4D-Var {reference[noise][0]:.3f}", flush=True)
         results[noise] = {}
         for K in args.layers:
             net = make_net(K)
@@ -154,7 +220,7 @@ def depth_study(setups, args, noises):
 def depth_tables(results, reference, args, title):
     header = ["noise std", *[f"K = {K}" for K in args.layers]]
     if args.reference:
-        header.append("4D-Var, converged (L-BFGS)")
+        header.append(args.reference_name)
     rows = []
     for noise, by_k in results.items():
         cells = []
@@ -304,6 +370,14 @@ def main():
     parser.add_argument("--ablation-layers", type=int, default=4)
     parser.add_argument("--ablation-noise", type=float, default=1.0)
     parser.add_argument("--skip", choices=["depth", "ablation"], nargs="*", default=[])
+    parser.add_argument(
+        "--problem",
+        choices=["lorenz96", "bundled"],
+        default="lorenz96",
+        help="bundled: the bundled 2D problem at --grid^2 (no ablation)",
+    )
+    parser.add_argument("--grid", type=int, default=16)
+    parser.add_argument("--window", type=int, default=5, help="bundled: times/window")
     parser.add_argument("--no-reference", dest="reference", action="store_false")
     parser.add_argument(
         "--plot", type=Path, default=Path(__file__).parents[1] / "docs" / "depth.png"
@@ -312,11 +386,21 @@ def main():
     args = parser.parse_args()
     use_common_arguments(args)
     t0 = time.perf_counter()
-    simulator = l96_simulator()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
-    if "depth" not in args.skip:
+    if args.problem == "bundled":
+        title = f"bundled 2D problem at {args.grid}^2"
+        setups = bundled_setups(args)
+        args.reference_name = "4D-Var (5 Gauss-Newton, joint kappa)"
+        args.reference = args.reference and (lambda: Variational(incremental(), 5))
+        args.skip = ["ablation", *args.skip]
+    else:
         title = "Lorenz-96"
-        found = depth_study(lambda n: setup(simulator, n, args), args, args.noise)
+        simulator = l96_simulator()
+        setups = lambda n: setup(simulator, n, args)  # noqa: E731
+        args.reference_name = "4D-Var, converged (L-BFGS)"
+        args.reference = args.reference and (lambda: lbfgs(1000))
+    if "depth" not in args.skip:
+        found = depth_study(setups, args, args.noise)
         depth_tables(*found, args, title)
         plot(found[0], args, args.plot, title)
     if "ablation" not in args.skip:

@@ -22,28 +22,11 @@ the first window, which compiles) and the run's total wall time.
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import print_table
-
-
-def app(name, run_dir, *overrides):
-    """Run `assim-<name>` with `overrides` in `run_dir`; its stderr on failure."""
-    command = [
-        sys.executable,
-        "-m",
-        f"assim._cli.{name}",
-        f"hydra.run.dir={run_dir}",
-        *([] if name == "data" else ["progress=false"]),
-        *overrides,
-    ]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+from _common import app, print_table
 
 
 def main():

@@ -123,3 +123,37 @@ def _innermost(solver):
     while isinstance(solver, DelegatingLinearSolver):
         solver = solver.inner
     return solver
+
+
+def nan_tolerant_solve(operator, rhs, solver, preconditioner=None):
+    """`A^{-1} rhs` for the lineax `operator` `A` by the lineax `solver`,
+    differentiable to any order (`jax.lax.custom_linear_solve`: a tangent is one
+    solve with `A`, a cotangent one with `A^T`, and `A`'s parameters are
+    differentiated implicitly). A non-finite right-hand side, in the primal or in
+    any derivative solve, gives a NaN solution instead of an error, so that a line
+    search backs off from a trial step the model cannot integrate: lineax raises on
+    a non-finite input, and a trial rollout that blows up late sends NaN cotangents
+    back into the solves of its still-finite early steps. A finite right-hand side
+    the solver cannot solve still raises.
+
+    `preconditioner`: a lineax operator approximating `A^{-1}` (transposed for
+    the transpose solves)."""
+
+    def solve_with(operator, b, precondition):
+        finite = jnp.all(jnp.isfinite(b))
+        options = {} if precondition is None else {"preconditioner": precondition}
+        x = lx.linear_solve(
+            operator, jnp.where(finite, b, 0.0), solver, options=options
+        ).value
+        return jnp.where(finite, x, jnp.nan)
+
+    def forward(_, b):
+        return solve_with(operator, b, preconditioner)
+
+    def backward(_, b):
+        transposed = None if preconditioner is None else preconditioner.T
+        return solve_with(operator.T, b, transposed)
+
+    return jax.lax.custom_linear_solve(
+        operator.mv, rhs, forward, transpose_solve=backward
+    )

@@ -9,7 +9,7 @@ import lineax as lx
 from jaxtyping import Array, Float
 
 from ._grid import Grid
-from ._linear import ScaleInvariant
+from ._linear import ScaleInvariant, nan_tolerant_solve
 
 
 def is_concrete(x) -> bool:
@@ -53,33 +53,28 @@ class AbstractModel(eqx.Module):
     def linear_inverse(self, rhs: Array, eta: float | Array) -> Array:
         """`(I - eta L)^{-1} rhs`.
 
-        The default is a matrix-free GMRES solve (lineax), differentiated by lineax's
-        transpose-solve rule. Models with a diagonalisable `L` override it with an exact
-        structured solve. A non-finite `rhs` (a state that already blew up, e.g. a
-        line-search trial) gives a NaN solution, not a Krylov stagnation error, so
-        that an optimiser can back off; a finite `rhs` that GMRES cannot solve still
-        raises.
+        The default is a matrix-free GMRES solve (lineax), differentiated implicitly
+        (a solve per tangent, a transpose solve per cotangent). Models with a
+        diagonalisable `L` override it with an exact structured solve. A non-finite
+        `rhs` (a state that already blew up, e.g. a
+        line-search trial), or a non-finite tangent or cotangent in a derivative
+        solve, gives a NaN solution, not an error, so that an optimiser can back off
+        (`nan_tolerant_solve`); a finite `rhs` that GMRES cannot solve still raises.
         """
-        finite = jnp.all(jnp.isfinite(rhs))
-        rhs = jnp.where(finite, rhs, 0.0)
-        structure = jax.eval_shape(lambda: rhs)
-        operator = lx.FunctionLinearOperator(
-            lambda v: v - eta * self.linear(v), structure
-        )
         # The preconditioner changes the iterates, not the solution: no tangents.
         frozen, frozen_eta = jax.lax.stop_gradient((self, eta))
-        preconditioner = lx.FunctionLinearOperator(
-            lambda v: frozen.preconditioner(v, frozen_eta), structure
-        )
         tol = _tolerance(rhs.dtype) * 0.1  # 1e-6 in float32: reachable
         # Tolerances relative to the size of rhs: a fixed atol is below round-off
         # for a large rhs (e.g. an L-BFGS trial step), where GMRES stagnates.
         gmres = lx.GMRES(rtol=tol, atol=tol, restart=20, max_steps=2000)
-        solver = ScaleInvariant(gmres)
-        solution = lx.linear_solve(
-            operator, rhs, solver, options={"preconditioner": preconditioner}
-        ).value
-        return jnp.where(finite, solution, jnp.nan)
+        structure = jax.eval_shape(lambda: rhs)
+        operator = lx.FunctionLinearOperator(
+            lambda v: v - eta * self.linear(v), structure
+        )
+        preconditioner = lx.FunctionLinearOperator(
+            lambda v: frozen.preconditioner(v, frozen_eta), structure
+        )
+        return nan_tolerant_solve(operator, rhs, ScaleInvariant(gmres), preconditioner)
 
     def preconditioner(self, rhs: Array, eta: float | Array) -> Array:
         """A cheap structured approximation of `(I - eta J_f)^{-1} rhs`.

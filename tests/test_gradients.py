@@ -139,7 +139,9 @@ def test_second_derivatives_through_newton_krylov(name, getkey):
         jax.jvp(jax.grad(loss), (x,), (v,))
 
 
-@pytest.mark.parametrize("name", ["ad1d-dirichlet-cn", "ad2d-periodic-be"])
+@pytest.mark.parametrize(
+    "name", ["ad1d-dirichlet-cn", "ad2d-periodic-be", "ad2d-periodic-imex"]
+)
 def test_taylor_kappa_field(name, getkey):
     simulator = dict(CASES)[name]
     u0 = smooth_state(simulator.model.grid)

@@ -230,6 +230,39 @@ def test_kappa_field_inverse_of_a_blown_up_state_is_nan():
     assert float(jnp.max(jnp.abs(residual))) < 1e-10 * 1e6
 
 
+@pytest.mark.parametrize("boundary,ndim", [("periodic", 2), ("dirichlet", 1)])
+def test_kappa_field_inverse_derivatives_of_a_blown_up_trial_are_nan(boundary, ndim):
+    """A trial rollout that blows up late sends non-finite cotangents (and a blown-up
+    direction non-finite tangents) into the solves of its still-finite steps: they
+    give NaN (the cost is infinite and the line search backs off), not lineax's
+    non-finite-input error. Finite ones are differentiated as before, kappa
+    included (against the dense inverse)."""
+    grid = sim.Grid((9,) * ndim, (1.0,) * ndim, boundary)
+    kappa = 0.2 * (1.5 + jnp.sin(2 * np.pi * grid.mesh()[-1]))
+    model = sim.AdvectionDiffusion(grid, kappa, [0.0] * ndim)
+    rhs, weight = smooth_state(grid), smooth_state(grid, seed=3)
+
+    def solve(b, k, scale):
+        x = eqx.tree_at(lambda m: m.kappa, model, k).linear_inverse(b, 3.0)
+        return jnp.sum(x * weight * scale)  # scale inf: a blown-up later step
+
+    gradient = jax.jit(jax.grad(solve, argnums=(0, 1)))
+    g_rhs, g_kappa = gradient(rhs, kappa, jnp.inf)
+    assert bool(jnp.all(jnp.isnan(g_rhs)) and jnp.all(jnp.isnan(g_kappa)))
+    tangent = jax.jit(lambda t: jax.jvp(lambda b: solve(b, kappa, 1.0), (rhs,), (t,)))
+    assert bool(jnp.isnan(tangent(rhs.at[(0,) * ndim].set(jnp.nan))[1]))
+    # Finite: the dense inverse's gradients.
+    n = rhs.size
+    dense = jax.vmap(lambda e: e - 3.0 * model.linear(e.reshape(rhs.shape)).ravel())
+    A = dense(jnp.eye(n)).T
+    g_rhs, g_kappa = gradient(rhs, kappa, 1.0)
+    np.testing.assert_allclose(
+        g_rhs.ravel(), jnp.linalg.solve(A.T, weight.ravel()), rtol=1e-9
+    )
+    fd = solve(rhs, kappa * 1.000001, 1.0) - solve(rhs, kappa * 0.999999, 1.0)
+    np.testing.assert_allclose(jnp.vdot(g_kappa, kappa * 1e-6), fd / 2, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "scheme", [sim.backward_euler(), sim.crank_nicolson(), sim.IMEXRungeKutta()]
 )

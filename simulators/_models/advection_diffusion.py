@@ -5,6 +5,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from .._grid import Grid
+from .._linear import nan_tolerant_solve
 from .._model import AbstractModel, is_concrete
 
 
@@ -84,7 +85,7 @@ class AdvectionDiffusion(AbstractModel):
         operator = lx.TridiagonalLinearOperator(
             1 + c * (faces[:-1] + faces[1:]), -c * faces[1:-1], -c * faces[1:-1]
         )
-        return lx.linear_solve(operator, rhs, lx.Tridiagonal()).value
+        return nan_tolerant_solve(operator, rhs, lx.Tridiagonal())
 
     def preconditioner(self, rhs, eta):
         return self._structured_inverse(rhs, eta, jnp.mean(self.kappa))
