@@ -171,6 +171,15 @@ class ADMM(AbstractAnalyser):
     The data term is solved by the data-assimilation solver (Gauss-Newton) and the
     prior only through its proximal operator; the analysis is the last `x`.
 
+    With `adaptive` (the default) the penalty is balanced after each iteration
+    (residual balancing, Boyd et al. section 3.4.1, on residuals relative to their
+    tolerances' scales with the factor `sqrt(ratio)` as in Wohlberg, arXiv:
+    1704.06209): when one relative residual exceeds ten times the other, `rho`
+    is multiplied by the square root of their ratio (within 1e-2 and 1e2) and the
+    scaled dual `u` divided by it, so that a poorly chosen `penalty` costs a few
+    iterations instead of hundreds (on the tests' TV problem: 62-128 iterations
+    from penalties 1-100, against 92-675 with the penalty fixed).
+
     **Arguments:**
 
     - `prior`: an `AbstractPrior`.
@@ -178,6 +187,7 @@ class ADMM(AbstractAnalyser):
     - `inner`: the `x`-update's solver (default: 3 Gauss-Newton iterations of 20
       CG iterations each).
     - `max_steps`, `rtol`, `atol`: iteration cap and tolerances.
+    - `adaptive`: residual balancing of the penalty.
     """
 
     prior: AbstractPrior
@@ -188,6 +198,7 @@ class ADMM(AbstractAnalyser):
     max_steps: int = eqx.field(static=True, default=100)
     rtol: float = eqx.field(static=True, default=1e-4)
     atol: float = eqx.field(static=True, default=1e-6)
+    adaptive: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
         if not self.penalty > 0:
@@ -215,7 +226,7 @@ class ADMM(AbstractAnalyser):
             return (~done) & (k < self.max_steps) & jnp.isfinite(costs[k])
 
         def body(carry):
-            k, c, z, u, _, costs, gnorms = carry
+            k, c, z, u, _, costs, gnorms, rho = carry
             anchored = problem.with_terms(Anchor(z - u, 1 / jnp.sqrt(rho)))
             c, _ = self.inner.solve(anchored, window, background, start=c)
             x0 = problem.analysis(c, background).initial_state
@@ -229,9 +240,17 @@ class ADMM(AbstractAnalyser):
             )
             costs = costs.at[k + 1].set(objective(c))
             gnorms = gnorms.at[k].set(primal)
-            return k + 1, c, z_new, u, done, costs, gnorms
+            if self.adaptive:  # u is scaled by 1 / rho: rescaled with it
+                tiny = jnp.finfo(background.dtype).tiny
+                ratio = (primal / jnp.maximum(scale, tiny)) / jnp.maximum(
+                    dual / jnp.maximum(rho * jnp.linalg.norm(u), tiny), tiny
+                )
+                factor = jnp.clip(jnp.sqrt(ratio), 0.01, 100.0)
+                factor = jnp.where((ratio > 10) | (ratio < 0.1), factor, 1.0)
+                rho, u = rho * factor, u / factor
+            return k + 1, c, z_new, u, done, costs, gnorms, rho
 
-        carry = (0, c0, z0, u0, jnp.asarray(False), costs, gnorms)
-        k, c, _, _, done, costs, gnorms = jax.lax.while_loop(cond, body, carry)
+        carry = (0, c0, z0, u0, jnp.asarray(False), costs, gnorms, rho)
+        k, c, _, _, done, costs, gnorms, _ = jax.lax.while_loop(cond, body, carry)
         info = Info(jnp.asarray(k), _outcome(done, costs[k]), costs, gnorms)
         return problem.analysis(c, background), info

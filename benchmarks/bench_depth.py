@@ -139,7 +139,9 @@ def bundled_setups(args):
     dataset was (2D advection-diffusion, backward-Euler truth with a random
     diffusivity field, moving tracks observing 5% of the grid), at `--grid`^2, with
     windows of `--window` times; the networks built as `assim-train` builds them
-    (IMEX ARS222, the diffusivity field learned) with K layers."""
+    (IMEX ARS222) with K layers; the diffusivity field learned with
+    `--learn-kappa`, else the model runs the prior diffusivity (a constant, whose
+    implicit stages are FFT solves instead of GMRES)."""
     import xarray as xr
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
@@ -150,8 +152,9 @@ def bundled_setups(args):
     shape = f"simulator.model.grid.shape=[{args.grid},{args.grid}]"
     n_windows = args.train_windows + 32 + args.test_windows
     out = Path(tempfile.mkdtemp(prefix="bench_depth."))
+    learn = f"network.learn_parameters={str(args.learn_kappa).lower()}"
     with initialize_config_module("assim.configs", version_base=None):
-        cfg = compose("train", overrides=[shape])
+        cfg = compose("train", overrides=[shape, learn])
     interval = 5
 
     def setups(noise):
@@ -177,19 +180,24 @@ def bundled_setups(args):
         )
         scale = data.observed_std()
 
-        def make_net(K, **options):
+        def build(K):
             layered = OmegaConf.merge(cfg, {"network": {"net": {"n_layers": K}}})
             net, problem, _ = build_network(
                 layered, n_times=args.window, interval=interval, scale=scale, seed=0
             )
+            if not args.learn_kappa:  # the prior's uniform field as a scalar
+                kappa = jnp.mean(problem.simulator.model.kappa)
+                problem = eqx.tree_at(lambda p: p.simulator.model.kappa, problem, kappa)
+            return net, problem
+
+        def make_net(K, **options):
             if options:
                 raise ValueError("the 2D study runs no ablation")
+            net, problem = build(K)
             first = select(data.obs, 0)
             return net.with_stable_steps(problem, first, data.background[0])
 
-        _, problem, _ = build_network(
-            cfg, n_times=args.window, interval=interval, scale=scale, seed=0
-        )
+        _, problem = build(1)
         return data, validation, test, problem, make_net
 
     return setups
@@ -378,6 +386,11 @@ def main():
     )
     parser.add_argument("--grid", type=int, default=16)
     parser.add_argument("--window", type=int, default=5, help="bundled: times/window")
+    parser.add_argument(
+        "--learn-kappa",
+        action="store_true",
+        help="bundled: the networks learn the diffusivity field (4D-Var estimates it)",
+    )
     parser.add_argument("--no-reference", dest="reference", action="store_false")
     parser.add_argument(
         "--plot", type=Path, default=Path(__file__).parents[1] / "docs" / "depth.png"
@@ -390,7 +403,9 @@ def main():
     if args.problem == "bundled":
         title = f"bundled 2D problem at {args.grid}^2"
         setups = bundled_setups(args)
-        args.reference_name = "4D-Var (5 Gauss-Newton, joint kappa)"
+        args.reference_name = "4D-Var (5 Gauss-Newton{})".format(
+            ", joint kappa" if args.learn_kappa else ", prior kappa"
+        )
         args.reference = args.reference and (lambda: Variational(incremental(), 5))
         args.skip = ["ablation", *args.skip]
     else:
