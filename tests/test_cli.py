@@ -255,7 +255,7 @@ def test_run_lorenz96_methods_on_one_twin(tmp_path):
         ("var3d_burn", "method=var3d", "scoring.burn_in=12"),
         ("var4d_lbfgs", "method=var4d_lbfgs", "method.window_length=4"),
         ("sliding", "method=var4d_sliding", "method.window_length=4"),
-        ("etkf", "method=etkf", "method.window_length=4", "scoring.burn_in=8"),
+        ("etkf", "method=etkf", "scoring.burn_in=8"),
         ("hybrid", "method=hybrid_4dvar", "method.window_length=4"),
         ("var4d", "method=var4d", "method.window_length=4"),
         ("var4d_bounded", "method=var4d", "method.window_length=4", steering),
@@ -308,6 +308,9 @@ def test_run_lorenz96_methods_on_one_twin(tmp_path):
     np.testing.assert_allclose(
         reported["max_violation"], violation["var4d_bounded"], rtol=1e-4, atol=1e-9
     )
+    # `auto` times per call is the filters' (the ETKF above ran with it).
+    auto = _app("run", tmp_path, *common, "method=var4d", "method.window_length=auto")
+    assert auto.returncode != 0 and "window_length=auto" in auto.stderr
     assert found["var4d"]["steering"] == []
     assert rmse["var4d_bounded"] <= rmse["var4d"] * 1.01, rmse
 

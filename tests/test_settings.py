@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
@@ -42,6 +43,7 @@ def test_the_shipped_configs_pass():
         ("method.analyser.max_steps=abc", "method.analyser.max_steps must be an int"),
         ("method.analyser.solver.inner_steps=0", "inner_steps must be >= 1, got 0"),
         ("method.window_length=0", "method.window_length must be >= 1, got 0"),
+        ("method.window_length=many", "method.window_length must be an integer"),
         ("data.max_windows=two", "data.max_windows must be an integer, got 'two'"),
         ("data.heldout_fraction=1.5", r"heldout_fraction must be >= 0 and < 1"),
         ("data.heldout_fraction=-0.1", r"heldout_fraction must be >= 0 and < 1"),
@@ -61,6 +63,24 @@ def test_bad_run_settings_name_the_key(override, match):
     with pytest.raises(ValueError, match=match) as info:
         check_settings(_compose("run", override), RUN_SETTINGS)
     assert "\n" not in str(info.value)
+
+
+def test_filters_call_length_auto():
+    """`method.window_length=auto` (the filters' default): times per compiled call
+    keeping the call's mean and spread within 64 MiB, at most 200, dividing the
+    file's times where a divisor of 10 or more does; a variational method refuses
+    it (its window is the 4D-Var window: tested in test_cli)."""
+    from assim._cli.run import times_per_call
+
+    check_settings(_compose("run", "method=etkf"), RUN_SETTINGS)  # auto passes
+    assert times_per_call((40,), jnp.float64, 1200) == 200
+    assert times_per_call((40,), jnp.float64, 24) == 24
+    assert times_per_call((40,), jnp.float64, 1000) == 200
+    assert times_per_call((40,), jnp.float64, 1100) == 110  # no time left over
+    assert times_per_call((40,), jnp.float64, 1201) == 200  # prime: the cap
+    assert times_per_call((512, 512), jnp.float32, 1200) == 30  # 2 MiB per time
+    assert times_per_call((4096, 4096), jnp.float64, 1200) == 1
+    assert _compose("run", "method=letkf").method.window_length == "auto"
 
 
 @pytest.mark.parametrize(

@@ -168,6 +168,8 @@ def check_settings(cfg: DictConfig, spec: dict) -> None:
             if nullable:
                 continue
             raise ValueError(f"{key} must be set (got null)")
+        if key in _AUTO and value == "auto":
+            continue
         if kind is bool:
             ok = isinstance(value, bool)
         elif kind is int:
@@ -184,6 +186,7 @@ def check_settings(cfg: DictConfig, spec: dict) -> None:
 
 
 _KIND_NAMES = {bool: "a boolean", int: "an integer", float: "a number"}
+_AUTO = {"method.window_length"}  # settings that may also say `auto`
 
 
 def _within(value, low, high) -> bool:
