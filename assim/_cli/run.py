@@ -115,7 +115,7 @@ def _assimilate(cfg: DictConfig) -> dict:
             f"was trained with {problem.observation_interval}"
         )
     if length == "auto":
-        if "ensemble" not in method:
+        if method.name not in ("etkf", "enkf", "letkf"):
             raise ValueError(
                 "method.window_length=auto is for the ensemble filters (times per "
                 f"compiled call); {method.name} needs a number of times"
