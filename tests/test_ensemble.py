@@ -23,6 +23,7 @@ from assim import (
     WindowProblem,
     cycle,
 )
+from assim._operators import grid_points
 
 N_GRID = 8
 INTERVAL = 2
@@ -155,13 +156,79 @@ def test_letkf_with_infinite_radius_is_the_etkf():
         windows[0].truth[0], DiagonalCovariance(1.0), 12, jax.random.PRNGKey(0)
     )
     etkf = list(cycle(ETKF(inflation=1.05), problem, windows, ensemble))
-    letkf = list(cycle(LETKF(radius=1e9, inflation=1.05), problem, windows, ensemble))
-    for a, b in zip(etkf, letkf, strict=True):
-        np.testing.assert_allclose(a.analysis, b.analysis, rtol=1e-9, atol=1e-9)
-        np.testing.assert_allclose(a.spread, b.spread, rtol=1e-9, atol=1e-9)
+    for stride in (1, None):  # every point analysed; the default interpolation
+        letkf = LETKF(radius=1e9, inflation=1.05, weight_stride=stride)
+        for a, b in zip(etkf, cycle(letkf, problem, windows, ensemble), strict=True):
+            np.testing.assert_allclose(a.analysis, b.analysis, rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(a.spread, b.spread, rtol=1e-9, atol=1e-9)
     # A finite radius is a different analysis.
     local = list(cycle(LETKF(radius=2.0, inflation=1.05), problem, windows, ensemble))
     assert np.abs(local[-1].analysis - etkf[-1].analysis).max() > 1e-3
+
+
+def test_letkf_weight_interpolation_is_exact_where_it_analyses():
+    """Weight interpolation (`weight_stride`): the analysed grid points get the
+    exact LETKF analysis (1e-12), the points between it within a tenth of the
+    increment, on Lorenz-96 (periodic) and on a 2D Dirichlet grid (whose last row
+    and column are analysed too); the default stride is the radius."""
+    rng = np.random.default_rng(4)
+    for grid, radius, stride in (
+        (sim.Grid((40,), (40.0,)), 4.0, 2),
+        (sim.Grid((9, 8), (1.0, 1.0), "dirichlet"), 0.4, 3),
+    ):
+        P = int(np.prod(grid.shape))
+        field = np.cumsum(rng.normal(size=(12, *grid.shape)), axis=-1)  # smooth
+        members = jnp.asarray(field / np.sqrt(np.arange(1, grid.shape[-1] + 1)))
+        mean = members.mean(0)
+        Y = (members - mean).reshape(12, P) / 0.7  # H = I, error std 0.7
+        d = jnp.asarray(rng.normal(size=P))
+        locations = grid_points(grid)
+
+        def analyse(filter, members=members, Y=Y, d=d, grid=grid, at=locations):
+            return filter.update(members, Y, d, None, None, grid, at)
+
+        exact, chi2 = analyse(LETKF(radius=radius, weight_stride=1))
+        coarse, chi2_coarse = analyse(LETKF(radius=radius, weight_stride=stride))
+        exact, coarse = np.asarray(exact), np.asarray(coarse)
+        indices = []
+        for n in grid.shape:
+            index = list(range(0, n, stride))
+            if grid.boundary == "dirichlet" and index[-1] != n - 1:
+                index.append(n - 1)
+            indices.append(index)
+        kept = np.zeros(grid.shape, bool)
+        kept[np.ix_(*indices)] = True
+        np.testing.assert_allclose(coarse[:, kept], exact[:, kept], atol=1e-12)
+        increment = np.abs(exact - np.asarray(members)).max()
+        assert 0 < np.abs(coarse - exact).max() < 0.1 * increment
+        assert np.abs(coarse[:, ~kept] - exact[:, ~kept]).max() > 1e-8
+        np.testing.assert_allclose(chi2_coarse, chi2, rtol=1e-12)
+    assert LETKF(radius=4.0).strides_on(sim.Grid((40,), (40.0,))) == (4,)
+    ks = sim.Grid((128,), (32 * np.pi,))
+    assert LETKF(relative_radius=0.1).strides_on(ks) == (12,)
+    with pytest.raises(ValueError, match="weight_stride"):
+        LETKF(weight_stride=0)
+
+
+def test_enkf_draws_do_not_depend_on_the_window_length():
+    """The stochastic EnKF's perturbations come from one key per time, split in
+    turn: four windows of 2 times and two of 4 give the same analyses."""
+    l96, B, windows = l96_twin_windows(4, 2, 5, spinup=300)
+    problem = WindowProblem(l96, B, 5)
+    ensemble = Ensemble.sample(
+        windows[0].truth[0], DiagonalCovariance(1.0), 10, jax.random.PRNGKey(5)
+    )
+    joined = [
+        jax.tree.map(lambda a, b: jnp.concatenate([a, b]), *windows[k : k + 2])
+        for k in (0, 2)
+    ]
+    short = np.concatenate(
+        [r.analysis for r in cycle(EnKF(inflation=1.05), problem, windows, ensemble)]
+    )
+    long = np.concatenate(
+        [r.analysis for r in cycle(EnKF(inflation=1.05), problem, joined, ensemble)]
+    )
+    np.testing.assert_allclose(short, long, rtol=1e-10, atol=1e-10)
 
 
 def test_gaspari_cohn_taper_and_localisation_matrix():

@@ -83,6 +83,13 @@ def test_filters_call_length_auto():
     assert _compose("run", "method=letkf").method.window_length == "auto"
 
 
+def test_letkf_weight_stride_setting():
+    letkf = _compose("run", "method=letkf", "method.analyser.weight_stride=0")
+    with pytest.raises(ValueError, match="weight_stride must be >= 1, got 0"):
+        check_settings(letkf, RUN_SETTINGS)
+    check_settings(_compose("run", "method=letkf"), RUN_SETTINGS)  # null: the radius
+
+
 @pytest.mark.parametrize(
     "override,match",
     [
