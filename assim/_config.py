@@ -299,7 +299,7 @@ def build_network(cfg, *, n_times: int, interval: int, scale: float, seed):
     learn = bool(net_cfg.learn_parameters) and parameter is not None
     theta = parameter.zeros() if learn else None
     if not learn:  # the model runs with the parameter's prior median
-        problem = problem.with_parameters(problem.parameter_background)
+        problem = problem.with_prior_parameters()
     extra = {"theta": theta, "correction": correction, "scale": float(scale)}
     target = str(net_cfg.net._target_)
     if target.endswith("UnrolledVar"):

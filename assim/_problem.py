@@ -18,7 +18,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, Float, PyTree
 
-from simulators import Simulator
+from simulators import Simulator, is_concrete
 
 from ._covariance import AbstractCovariance
 from ._observations import ObservationSet
@@ -436,6 +436,27 @@ class WindowProblem(eqx.Module):
             self,
             (self.model(theta), None, None),
             is_leaf=lambda x: x is None,
+        )
+
+    def with_prior_parameters(self) -> "WindowProblem":
+        """`with_parameters(parameter_background)`: the parameters fixed at their
+        prior. A `Parameter` field at its prior median (a zero control) is set as
+        that constant, a scalar: the same model (the models take a scalar for their
+        coefficients) whose structured solves stay exact transforms (a constant
+        diffusivity: FFT or DST) instead of the Krylov solves of a field."""
+        parameter, background = self.set_parameters, self.parameter_background
+        if (
+            not isinstance(parameter, Parameter)
+            or not parameter.shape
+            or not is_concrete(background)
+            or np.any(np.asarray(background) != 0)
+        ):
+            return self.with_parameters(background)
+        fixed = self.with_parameters(background)
+        field = getattr(fixed.simulator.model, parameter.name)
+        median = jnp.asarray(parameter.background, field.dtype)
+        return eqx.tree_at(
+            lambda p: getattr(p.simulator.model, parameter.name), fixed, median
         )
 
     def with_background_covariance(self, B: AbstractCovariance) -> "WindowProblem":

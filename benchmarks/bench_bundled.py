@@ -48,7 +48,7 @@ def main():
         args.bundled_layers, args.bundled_test_windows
     )
     K = net.n_layers
-    prior = problem.with_parameters(parameter.zeros())  # the prior diffusivity
+    prior = problem.with_prior_parameters()  # the prior diffusivity, a constant
     true = np.asarray(ds["true_kappa"].values)
     oracle = eqx.tree_at(
         lambda p: p.simulator.model.kappa, prior, jnp.asarray(true, jnp.float64)

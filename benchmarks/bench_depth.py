@@ -141,7 +141,8 @@ def bundled_setups(args):
     windows of `--window` times; the networks built as `assim-train` builds them
     (IMEX ARS222) with K layers; the diffusivity field learned with
     `--learn-kappa`, else the model runs the prior diffusivity (a constant, whose
-    implicit stages are FFT solves instead of GMRES)."""
+    implicit stages are FFT solves instead of GMRES, as `assim-train` runs it with
+    `network.learn_parameters=false`)."""
     import xarray as xr
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
@@ -184,10 +185,7 @@ def bundled_setups(args):
             layered = OmegaConf.merge(cfg, {"network": {"net": {"n_layers": K}}})
             net, problem, _ = build_network(
                 layered, n_times=args.window, interval=interval, scale=scale, seed=0
-            )
-            if not args.learn_kappa:  # the prior's uniform field as a scalar
-                kappa = jnp.mean(problem.simulator.model.kappa)
-                problem = eqx.tree_at(lambda p: p.simulator.model.kappa, problem, kappa)
+            )  # without --learn-kappa: the prior's constant kappa (a scalar)
             return net, problem
 
         def make_net(K, **options):

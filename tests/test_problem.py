@@ -13,6 +13,7 @@ from assim import (
     Analysis,
     Control,
     DiagonalCovariance,
+    DiffusionCovariance,
     Parameter,
     StateBounds,
     Supervised,
@@ -155,6 +156,37 @@ def test_parameter_places_a_bounded_value():
         Parameter("kappa", 1.0, DiagonalCovariance(0.5), ())(l96, jnp.asarray(0.0))
     problem = WindowProblem(l96, DiagonalCovariance(1.0), set_parameters=forcing)
     assert problem.parameter_background.shape == () and problem.estimates_parameters
+
+
+def test_prior_parameters_run_a_field_median_as_a_constant():
+    """`with_prior_parameters`: a diffusivity field at its prior median becomes the
+    constant (a scalar `kappa`: FFT solves, not GMRES), the same model: its window
+    trajectory is the uniform field's to the Krylov solves' tolerance. A scalar
+    parameter is placed as `with_parameters` places it."""
+    grid = sim.Grid((16, 16), (1.0, 1.0))
+    x = jnp.asarray(np.sin(2 * np.pi * np.asarray(grid.mesh()[1])))
+    model = sim.AdvectionDiffusion(grid, 0.01 * jnp.ones(grid.shape), [0.3, 0.2])
+    simulator = sim.Simulator(model, sim.backward_euler(), 0.05)
+    kappa = Parameter("kappa", 0.02, DiffusionCovariance(grid, 1.0, 0.1), grid.shape)
+    problem = WindowProblem(simulator, DiagonalCovariance(1.0), 2, set_parameters=kappa)
+    field, constant = (
+        problem.with_parameters(kappa.zeros()),
+        problem.with_prior_parameters(),
+    )
+    assert field.simulator.model.kappa.shape == grid.shape
+    assert (
+        constant.simulator.model.kappa.shape == () and not constant.estimates_parameters
+    )
+    np.testing.assert_allclose(constant.simulator.model.kappa, 0.02)
+    a, b = (p.trajectory(Analysis(x), 3) for p in (field, constant))
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    forcing = Parameter("forcing", 8.0, DiagonalCovariance(0.5), ())
+    l96 = WindowProblem(
+        sim.Simulator(sim.Lorenz96(), sim.RK4(), 0.01),
+        DiagonalCovariance(1.0),
+        set_parameters=forcing,
+    )
+    np.testing.assert_allclose(l96.with_prior_parameters().simulator.model.forcing, 8.0)
 
 
 def test_unrolled_network_trains_on_a_weak_constraint_problem(l96_windows, getkey):

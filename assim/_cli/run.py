@@ -283,7 +283,7 @@ def _ensemble_start(cfg, analyser, problem, parameter, background):
             parameter.name,
             parameter.background,
         )
-        problem = problem.with_parameters(problem.parameter_background)
+        problem = problem.with_prior_parameters()
         parameter = None
     seed = method.ensemble.get("seed")
     key = jax.random.PRNGKey(int(cfg.seed if seed is None else seed))
