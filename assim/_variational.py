@@ -244,7 +244,10 @@ class Refined(AbstractAnalyser):
     towards the 4D-Var minimum). The guess analyses the problem without them (a
     network's explicit layers, trained on the plain cost, are not stable on stiff
     penalty terms). The model is the guess's (`guess.model_problem`: a network's
-    learned parameters and correction held).
+    learned parameters and correction held), or with `estimate_parameters` the
+    guess's with the problem's unknown parameters estimated again, jointly with
+    the state, from the guess's values (a network's learned diffusivity as the
+    start, the problem's prior as their background term).
 
     **Arguments:**
 
@@ -255,27 +258,39 @@ class Refined(AbstractAnalyser):
     - `guess_covariance`: the `B` the guess analyses with (a network: the one it
       was trained with, while cycling adapts the problem's for the refinement);
       `None`: the problem's.
+    - `estimate_parameters`: re-estimate the problem's parameters in the
+      refinement (when it has any), starting from the guess's.
     """
 
     guess: AbstractAnalyser
     refinement: Variational
     terms: tuple[AbstractCostTerm, ...] = ()
     guess_covariance: AbstractCovariance | None = None
+    estimate_parameters: bool = eqx.field(static=True, default=False)
 
-    def __init__(self, guess, refinement, terms=(), guess_covariance=None):
+    def __init__(
+        self,
+        guess,
+        refinement,
+        terms=(),
+        guess_covariance=None,
+        estimate_parameters=False,
+    ):
         self.guess = guess
         self.refinement = refinement
         self.terms = tuple(terms)
         self.guess_covariance = guess_covariance
+        self.estimate_parameters = bool(estimate_parameters)
 
     def __call__(self, problem, window, background):
         guess_problem = problem
         if self.guess_covariance is not None:
             guess_problem = problem.with_background_covariance(self.guess_covariance)
         first, guess_info = self.guess(guess_problem, window, background)
-        model = self.guess.model_problem(problem)
-        model = model.with_terms(*self.terms)
-        theta = first.theta if model.estimates_parameters else None
+        model = self.model_problem(problem).with_terms(*self.terms)
+        theta = None
+        if model.estimates_parameters:  # from the guess's (its prior mean if none)
+            theta = model.parameter_background if first.theta is None else first.theta
         start = model.control(Analysis(first.initial_state, theta, first.w), background)
         analysis, info = self.refinement(model, window, background, start=start)
         if not model.estimates_parameters:
@@ -286,4 +301,15 @@ class Refined(AbstractAnalyser):
         return analysis, Info(info.steps + guess_info.steps, info.outcome)
 
     def model_problem(self, problem):
-        return self.guess.model_problem(problem)
+        """The guess's model problem; with `estimate_parameters` its parameters
+        estimated again (the value the guess placed in the model is overwritten
+        by every evaluation's)."""
+        held = self.guess.model_problem(problem)
+        if not (self.estimate_parameters and problem.estimates_parameters):
+            return held
+        return eqx.tree_at(
+            lambda p: (p.set_parameters, p.parameter_background),
+            held,
+            (problem.set_parameters, problem.parameter_background),
+            is_leaf=lambda x: x is None,
+        )

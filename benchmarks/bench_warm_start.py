@@ -11,6 +11,9 @@ the assimilated file's windows:
 - `assim-run method=hybrid method.refine_steps=N` for N = 0 (the network alone),
   1, 2, 5: the network's analysis refined by N incremental Gauss-Newton iterations
   of 4D-Var (20 CG iterations each);
+- with `--hybrid-joint N ...`: `method=hybrid method.refine_parameters=true`, the
+  refinement re-estimating the simulator's unknown parameters (the network's as
+  the start) instead of holding the network's;
 - `assim-run method=var4d method.analyser.max_steps=N` (cold start from the
   cycled background) for N = 1, 2, 5, 20.
 
@@ -90,6 +93,14 @@ def main():
     parser.add_argument("--train-times", type=int, default=800)
     parser.add_argument("--test-times", type=int, default=200)
     parser.add_argument("--hybrid", type=int, nargs="+", default=[0, 1, 2, 5])
+    parser.add_argument(
+        "--hybrid-joint",
+        type=int,
+        nargs="*",
+        default=[],
+        help="refinement steps with the parameters re-estimated "
+        "(method.refine_parameters=true)",
+    )
     parser.add_argument("--cold", type=int, nargs="+", default=[1, 2, 5, 20])
     parser.add_argument("--out", type=Path, help="keep the runs here")
     parser.add_argument(
@@ -124,20 +135,31 @@ def main():
     )
     print(f"assim-train: {time.perf_counter() - t1:.0f} s", flush=True)
     checkpoint = out / "network" / "checkpoint.eqx"
-    runs = [
-        (
-            "network" if n == 0 else f"network + {n} Gauss-Newton",
-            ["method=hybrid", f"method.checkpoint={checkpoint}"]
-            + [f"method.refine_steps={n}"],
-        )
-        for n in args.hybrid
-    ] + [
-        (
-            f"4D-Var, {n} Gauss-Newton (cold)",
-            ["method=var4d", f"method.analyser.max_steps={n}"],
-        )
-        for n in args.cold
-    ]
+    runs = (
+        [
+            (
+                "network" if n == 0 else f"network + {n} Gauss-Newton",
+                ["method=hybrid", f"method.checkpoint={checkpoint}"]
+                + [f"method.refine_steps={n}"],
+            )
+            for n in args.hybrid
+        ]
+        + [
+            (
+                f"network + {n} Gauss-Newton, parameters re-estimated",
+                ["method=hybrid", f"method.checkpoint={checkpoint}"]
+                + [f"method.refine_steps={n}", "method.refine_parameters=true"],
+            )
+            for n in args.hybrid_joint
+        ]
+        + [
+            (
+                f"4D-Var, {n} Gauss-Newton (cold)",
+                ["method=var4d", f"method.analyser.max_steps={n}"],
+            )
+            for n in args.cold
+        ]
+    )
     rows = []
     for i, (name, overrides) in enumerate(runs):
         app("run", out / f"run{i}", *common, *overrides)

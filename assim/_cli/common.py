@@ -131,6 +131,7 @@ RUN_SETTINGS = {
     "method.analyser.variational.max_steps": (int, 1, None, False),
     "method.refine_steps": (int, 0, None, True),
     "method.refine_inner_steps": (int, 1, None, False),
+    "method.refine_parameters": (bool, None, None, False),
 }
 TRAIN_SETTINGS = {
     **_COMMON,

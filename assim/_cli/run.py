@@ -229,7 +229,8 @@ def _network_analyser(net, method, steering, problem):
     4D-Var on the window cost with the terms added (`assim.Refined`). Steering a
     network without refinement steps gets 5: its layers never saw the terms. With
     `method.adaptation` the refinement's B is adapted while cycling; the network
-    keeps the B it was trained with."""
+    keeps the B it was trained with. With `method.refine_parameters` the
+    refinement re-estimates the simulator's unknown parameters from the network's."""
     steps = method.get("refine_steps")
     steps = (5 if steering else 0) if steps is None else int(steps)
     if steps == 0:
@@ -242,7 +243,13 @@ def _network_analyser(net, method, steering, problem):
     solver = incremental(inner_steps=int(method.get("refine_inner_steps", 20)))
     refinement = Variational(solver, max_steps=steps, gradient_rtol=1e-3)
     trained_b = problem.background_covariance if method.get("adaptation") else None
-    return Refined(net, refinement, steering, guess_covariance=trained_b)
+    return Refined(
+        net,
+        refinement,
+        steering,
+        guess_covariance=trained_b,
+        estimate_parameters=bool(method.get("refine_parameters", False)),
+    )
 
 
 def _term_violations(results, terms, found: dict):
