@@ -167,18 +167,19 @@ def _whitened(window: ObservationSet, members: Array, t) -> tuple:
     return Y.reshape(Y.shape[0], -1), d.reshape(-1), mask.reshape(-1)
 
 
-def _transform(A: Array, d: Array) -> tuple[Array, Array, Array]:
+def _transform(A: Array, d: Array) -> tuple[Array, Array]:
     """ETKF's ensemble-space update for scaled anomalies `A = Y / sqrt(N - 1)`:
-    the mean weights `w = (I + A A^T)^-1 A d`, the symmetric square-root
-    transform `T = (I + A A^T)^-1/2` (Hunt et al. 2007, eqs. 20-24) and the
-    innovation's chi-square `d^T (A^T A + I)^-1 d = d^T d - (A d)^T w` against
-    `H P_f H^T + R` (whitened; Woodbury in ensemble space)."""
+    the weights `T + w 1^T / sqrt(N - 1)` `(analysed member, member)` of the
+    forecast anomalies, from the mean weights `w = (I + A A^T)^-1 A d` and the
+    symmetric square-root transform `T = (I + A A^T)^-1/2` (Hunt et al. 2007, eqs.
+    20-24); and the innovation's chi-square `d^T (A^T A + I)^-1 d = d^T d -
+    (A d)^T w` against `H P_f H^T + R` (whitened; Woodbury in ensemble space)."""
     eigenvalues, vectors = jnp.linalg.eigh(A @ A.T)
     eigenvalues = jnp.maximum(eigenvalues, 0.0)
     Ad = A @ d
     w = vectors @ ((vectors.T @ Ad) / (1 + eigenvalues))
     T = (vectors / jnp.sqrt(1 + eigenvalues)) @ vectors.T
-    return w, T, d @ d - Ad @ w
+    return T + w[None, :] / jnp.sqrt(A.shape[0] - 1.0), d @ d - Ad @ w
 
 
 def _chi2(A: Array, d: Array) -> Array:
@@ -370,11 +371,9 @@ class ETKF(AbstractEnsembleFilter):
     def update(self, members, Y, d, mask, noise, grid, locations):
         del mask, noise, grid, locations
         N = members.shape[0]
-        w, T, chi2 = _transform(Y / jnp.sqrt(N - 1.0), d)
+        weights, chi2 = _transform(Y / jnp.sqrt(N - 1.0), d)
         mean = members.mean(0)
-        X = members - mean
-        weights = T + w[None, :] / jnp.sqrt(N - 1.0)  # (analysed member, member)
-        return mean + jnp.tensordot(weights, X, axes=1), chi2
+        return mean + jnp.tensordot(weights, members - mean, axes=1), chi2
 
 
 class LETKF(AbstractEnsembleFilter):
@@ -449,12 +448,7 @@ class LETKF(AbstractEnsembleFilter):
             taper(grid_distances(grid, points, locations), self.radius_on(grid))
         )  # (analysed points, p)
         A = Y / jnp.sqrt(N - 1.0)
-
-        def local(root):
-            w, T, _ = _transform(A * root, d * root)
-            return T + w[None, :] / jnp.sqrt(N - 1.0)  # (analysed member, member)
-
-        weights = jax.vmap(local)(roots)
+        weights = jax.vmap(lambda root: _transform(A * root, d * root)[0])(roots)
         if interpolated:  # along each axis in turn
             weights = weights.reshape(*(len(c) for c in coarse), N, N)
             for axis, (n, c) in enumerate(zip(grid.shape, coarse, strict=True)):
@@ -484,12 +478,8 @@ def _interpolation(n: int, coarse: np.ndarray, boundary: str) -> np.ndarray:
     indices of an axis to all `n` (wrapping round on a periodic axis)."""
     ends = np.append(coarse, coarse[0] + n) if boundary == "periodic" else coarse
     matrix = np.zeros((n, len(coarse)))
-    for i in range(n):
+    for i in range(n):  # between ends[j] and ends[j + 1] (ends[0] = 0 <= i)
         j = min(np.searchsorted(ends, i, side="right") - 1, len(ends) - 2)
-        j = max(j, 0)
-        if len(ends) == 1:
-            matrix[i, 0] = 1.0
-            continue
         fraction = (i - ends[j]) / (ends[j + 1] - ends[j])
         matrix[i, j % len(coarse)] += 1 - fraction
         matrix[i, (j + 1) % len(coarse)] += fraction
