@@ -445,14 +445,14 @@ class WindowProblem(eqx.Module):
         coefficients) whose structured solves stay exact transforms (a constant
         diffusivity: FFT or DST) instead of the Krylov solves of a field."""
         parameter, background = self.set_parameters, self.parameter_background
+        fixed = self.with_parameters(background)
         if (
             not isinstance(parameter, Parameter)
             or not parameter.shape
             or not is_concrete(background)
             or np.any(np.asarray(background) != 0)
         ):
-            return self.with_parameters(background)
-        fixed = self.with_parameters(background)
+            return fixed
         field = getattr(fixed.simulator.model, parameter.name)
         median = jnp.asarray(parameter.background, field.dtype)
         return eqx.tree_at(
