@@ -13,7 +13,7 @@ Sections (`--only NAME ...`; float32 unless a row says f64):
 - `gradients`: gradient / forward time of 20-step rollouts, 2D Burgers (backward
   Euler, Newton-GMRES, implicit adjoint; float32 and float64, with the Krylov
   iterations per step of the forward and transpose solves) and 2D Navier-Stokes
-  (IMEX ARS(2,2,2), FFT solves).
+  (IMEX ARS(2,2,2), FFT solves; float32 and float64).
 - `throughput`: windows per second of an unrolled network (4 layers, after
   `--train-steps` training steps; the training's own windows per second too) and of
   converged 4D-Var (`assimilate`: independent windows vmapped in batches), 64 x 64.
@@ -202,15 +202,19 @@ def section_gradients(sizes, repeats: int) -> list[dict]:
                 label = f"{'f64' if x64 else 'f32'} Burgers BE Newton-GMRES"
                 row = measure("burgers2d", n, label, fwd, loss, u0, repeats, steps)
                 rows.append(row | krylov_per_step(burgers, dt, u0))
-        ns = sim.NavierStokes2D(n, nu=1e-3, alpha=0.0, amplitude=0.0)
-        u0 = _initial_state((n, n))
-        u0 = u0 / jnp.max(jnp.abs(jnp.stack(ns.velocity(u0))))
-        dt = 0.5 * np.pi / n
-        simulator = sim.Simulator(ns, sim.IMEXRungeKutta("ars222"), dt)
-        fwd, loss, _ = _ours(simulator)
-        label = "f32 Navier-Stokes IMEX ARS(2,2,2)"
-        rows.append(measure("navier-stokes2d", n, label, fwd, loss, u0, repeats))
-        for row in rows[-3:]:
+        for x64 in (False, True):
+            with jax.enable_x64(x64):
+                ns = sim.NavierStokes2D(n, nu=1e-3, alpha=0.0, amplitude=0.0)
+                u0 = _initial_state((n, n))
+                u0 = u0 / jnp.max(jnp.abs(jnp.stack(ns.velocity(u0))))
+                u0 = u0.astype(jnp.float64 if x64 else jnp.float32)
+                dt = 0.5 * np.pi / n
+                simulator = sim.Simulator(ns, sim.IMEXRungeKutta("ars222"), dt)
+                fwd, loss, _ = _ours(simulator)
+                label = f"{'f64' if x64 else 'f32'} Navier-Stokes IMEX ARS(2,2,2)"
+                row = measure("navier-stokes2d", n, label, fwd, loss, u0, repeats)
+                rows.append(row)
+        for row in rows[-4:]:
             row["peak_mib"] = peak_memory_mib()
             print(f"gradients {n}: {row}", flush=True)
     return rows

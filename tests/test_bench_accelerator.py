@@ -43,6 +43,8 @@ def test_accelerator_benchmark_measures_windows_gradients_and_throughput(
 
     burgers = [r for r in found["gradients"] if r["case"] == "burgers2d"]
     assert [r["method"][:3] for r in burgers] == ["f32", "f64"]
+    ns = [r for r in found["gradients"] if r["case"] == "navier-stokes2d"]
+    assert [r["method"][:3] for r in ns] == ["f32", "f64"]
     for row in found["gradients"]:
         assert row["grad_finite"] and np.isfinite(row["ratio"]) and row["ratio"] > 0
     for row in burgers:  # the counters saw the forward and the adjoint's solves
