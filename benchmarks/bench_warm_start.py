@@ -8,12 +8,13 @@ to train on and another (another seed) to assimilate; `assim-train` fits an
 unrolled network (`--layers` layers, masking loss: no truth); then, cycled over
 the assimilated file's windows:
 
-- `assim-run method=hybrid method.refine_steps=N` for N = 0 (the network alone),
-  1, 2, 5: the network's analysis refined by N incremental Gauss-Newton iterations
-  of 4D-Var (20 CG iterations each);
-- with `--hybrid-joint N ...`: `method=hybrid method.refine_parameters=true`, the
+- `assim-run method=hybrid method.refine_steps=N method.refine_parameters=false`
+  for N = 0 (the network alone), 1, 2, 5: the network's analysis refined by N
+  incremental Gauss-Newton iterations of 4D-Var (20 CG iterations each), the
+  network's learned parameters held;
+- with `--hybrid-joint N ...`: `method.refine_parameters=true` (the default), the
   refinement re-estimating the simulator's unknown parameters (the network's as
-  the start) instead of holding the network's;
+  the start);
 - `assim-run method=var4d method.analyser.max_steps=N` (cold start from the
   cycled background) for N = 1, 2, 5, 20.
 
@@ -140,7 +141,7 @@ def main():
             (
                 "network" if n == 0 else f"network + {n} Gauss-Newton",
                 ["method=hybrid", f"method.checkpoint={checkpoint}"]
-                + [f"method.refine_steps={n}"],
+                + [f"method.refine_steps={n}", "method.refine_parameters=false"],
             )
             for n in args.hybrid
         ]
