@@ -41,7 +41,10 @@ def gaspari_cohn(z: Array) -> Array:
     safe = jnp.where(z > 0, z, 1.0)
     outer = z**5 / 12 - 0.5 * z**4 + 0.625 * z**3 + 5 / 3 * z**2 - 5 * z + 4
     outer = outer - 2 / (3 * safe)
-    return jnp.where(z <= 1, inner, jnp.where(z < 2, outer, 0.0))
+    # Clipped at 0: in float32 the outer polynomial rounds to about -1e-6 just
+    # below z = 2, whose square root (the LETKF's tapering) would be NaN.
+    taper = jnp.where(z <= 1, inner, jnp.where(z < 2, outer, 0.0))
+    return jnp.maximum(taper, 0.0)
 
 
 def taper(distance: Array, radius: float) -> Array:

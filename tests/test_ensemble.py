@@ -235,6 +235,10 @@ def test_gaspari_cohn_taper_and_localisation_matrix():
     z = jnp.linspace(0, 2.5, 251)
     c = np.asarray(assim.gaspari_cohn(z))
     assert c[0] == 1.0 and np.all(c[z >= 2] == 0) and np.all(np.diff(c) <= 1e-12)
+    # Never negative, in float32 too (rounding made it -1e-6 just below 2: a NaN
+    # in the LETKF's square root, on every float32 run).
+    fine = jnp.linspace(0, 2.5, 100001, dtype=jnp.float32)
+    assert float(jnp.min(assim.gaspari_cohn(fine))) >= 0.0
     # DAPPER's radius convention: exp(-1/2) at the radius.
     from assim._ensemble import taper
 
