@@ -455,6 +455,8 @@ class LETKF(AbstractEnsembleFilter):
         if interpolated:  # along each axis in turn
             weights = weights.reshape(*(len(c) for c in coarse), N, N)
             for axis, (n, c) in enumerate(zip(grid.shape, coarse, strict=True)):
+                if len(c) == n:  # every point of this axis analysed
+                    continue
                 matrix = _interpolation(n, c, grid.boundary).astype(weights.dtype)
                 weights = jnp.moveaxis(
                     jnp.tensordot(matrix, weights, axes=(1, axis)), 0, axis

@@ -136,31 +136,25 @@ def main():
     )
     print(f"assim-train: {time.perf_counter() - t1:.0f} s", flush=True)
     checkpoint = out / "network" / "checkpoint.eqx"
-    runs = (
-        [
-            (
-                "network" if n == 0 else f"network + {n} Gauss-Newton",
-                ["method=hybrid", f"method.checkpoint={checkpoint}"]
-                + [f"method.refine_steps={n}", "method.refine_parameters=false"],
-            )
-            for n in args.hybrid
-        ]
-        + [
-            (
-                f"network + {n} Gauss-Newton, parameters re-estimated",
-                ["method=hybrid", f"method.checkpoint={checkpoint}"]
-                + [f"method.refine_steps={n}", "method.refine_parameters=true"],
-            )
-            for n in args.hybrid_joint
-        ]
-        + [
-            (
-                f"4D-Var, {n} Gauss-Newton (cold)",
-                ["method=var4d", f"method.analyser.max_steps={n}"],
-            )
-            for n in args.cold
-        ]
-    )
+    hybrid = [(n, False) for n in args.hybrid] + [(n, True) for n in args.hybrid_joint]
+    runs = [
+        (
+            ("network" if n == 0 else f"network + {n} Gauss-Newton")
+            + (", parameters re-estimated" if joint else ""),
+            ["method=hybrid", f"method.checkpoint={checkpoint}"]
+            + [
+                f"method.refine_steps={n}",
+                f"method.refine_parameters={str(joint).lower()}",
+            ],
+        )
+        for n, joint in hybrid
+    ] + [
+        (
+            f"4D-Var, {n} Gauss-Newton (cold)",
+            ["method=var4d", f"method.analyser.max_steps={n}"],
+        )
+        for n in args.cold
+    ]
     rows = []
     for i, (name, overrides) in enumerate(runs):
         app("run", out / f"run{i}", *common, *overrides)
