@@ -241,6 +241,7 @@ def test_run_lorenz96_methods_on_one_twin(tmp_path):
     gen = _app("data", tmp_path, *_L96_FULL, "output=obs.nc")
     assert gen.returncode == 0, gen.stderr
     common = [*_L96_FULL, f"data.path={tmp_path / 'obs.nc'}", "data.heldout_fraction=0"]
+    common += ["plot=false", "progress=false"]  # plots: test_data_then_run
     with xr.open_dataset(tmp_path / "obs.nc") as obs:  # physical bounds, known
         lower, upper = obs["truth"].min() - 0.005, obs["truth"].max() + 0.005
     steering = (

@@ -96,9 +96,12 @@ def test_four_devices_are_visible(found):
 
 def test_sharded_training_matches_one_device(found):
     assert found["params_changed"] > 1e-4  # two steps really moved the parameters
-    assert found["max_param_difference"] < 1e-10
+    # The same steps up to rounding: all-reduced sums add in another order, and
+    # Adam turns a near-zero gradient's rounding into a step of lr * g / eps
+    # (~1e-10 here).
+    assert found["max_param_difference"] < 1e-9
     for a, b in zip(found["loss_sharded"], found["loss_single"], strict=True):
-        assert abs(a - b) <= 1e-10 * abs(b)
+        assert abs(a - b) <= 1e-9 * abs(b)
 
 
 def test_training_step_is_split_across_devices(found):
@@ -148,9 +151,11 @@ def test_two_processes_form_one_mesh(processes):
 def test_two_processes_train_and_assimilate_as_one_device(found, processes):
     single = np.asarray(found["params_single"])
     for other in processes:
-        assert np.max(np.abs(np.asarray(other["params_sharded"]) - single)) < 1e-10
-        np.testing.assert_allclose(other["loss_sharded"], found["loss_single"], 1e-10)
+        assert np.max(np.abs(np.asarray(other["params_sharded"]) - single)) < 1e-9
+        np.testing.assert_allclose(other["loss_sharded"], found["loss_single"], 1e-9)
         assert other["analysis_rows"] == 7
+        # The parameters' rounding differences (above) carried through the
+        # network: ~5e-9 here.
         np.testing.assert_allclose(
-            other["analysis_sharded"], found["analysis_single"], rtol=0, atol=1e-10
+            other["analysis_sharded"], found["analysis_single"], rtol=0, atol=1e-7
         )

@@ -166,9 +166,10 @@ def test_streamed_training_equals_training_in_memory(tmp_path):
         net, problem, in_memory, settings, checkpoint=tmp_path / "m.eqx"
     )
     assert [r["loss"] for r in records] == pytest.approx(
-        [r["loss"] for r in expected], rel=1e-12
-    )
-    assert tree_allclose(streamed, loaded, rtol=1e-12, atol=1e-14)
+        [r["loss"] for r in expected], rel=1e-9
+    )  # the same steps, to the rounding of two compiled programs (which Adam
+    # turns into steps of lr * g / eps for near-zero gradients g: atol)
+    assert tree_allclose(streamed, loaded, rtol=1e-9, atol=1e-9)
     assert not tree_allclose(
         eqx.filter(streamed, eqx.is_inexact_array),
         eqx.filter(net, eqx.is_inexact_array),
@@ -179,7 +180,7 @@ def test_streamed_training_equals_training_in_memory(tmp_path):
         net, problem, stream, more, checkpoint=tmp_path / "s.eqx", resume=True
     )
     straight, _ = train(net, problem, in_memory, more, checkpoint=tmp_path / "m2.eqx")
-    assert tree_allclose(resumed, straight, rtol=1e-12, atol=1e-14)
+    assert tree_allclose(resumed, straight, rtol=1e-9, atol=1e-9)
 
 
 def test_analysis_written_while_windows_are_read_on_another_thread(tmp_path):

@@ -735,7 +735,9 @@ def test_bilevel_hypergradient_through_newton_krylov(l96_windows, getkey):
     for adjoint in (optx.ImplicitAdjoint(linear_solver=CG), ReverseImplicitAdjoint(CG)):
         n, problem = make_bilevel(l96, B, adjoint=adjoint)
         grads.append(eqx.filter_jit(jax.grad(bilevel_loss(n, problem, obs, xb)))(hyper))
-    assert tree_allclose(grads[0], grads[1], rtol=1e-9, atol=0)
+    # Each re-solves the inner 4D-Var: they agree to its accuracy (rounding moves
+    # where L-BFGS stops).
+    assert tree_allclose(grads[0], grads[1], rtol=1e-7, atol=0)
 
 
 def test_parameter_learning_rate_moves_theta_at_its_own_rate(l96_windows, getkey):
