@@ -16,7 +16,8 @@ Sections (`--only NAME ...`; float32 unless a row says f64):
   (IMEX ARS(2,2,2), FFT solves; float32 and float64).
 - `throughput`: windows per second of an unrolled network (4 layers, after
   `--train-steps` training steps; the training's own windows per second too) and of
-  converged 4D-Var (`assimilate`: independent windows vmapped in batches), 64 x 64.
+  converged 4D-Var (`assimilate`: independent windows vmapped in batches), 64 x 64
+  (`--throughput-grid`).
 - `cli`: the bundled main job (`assim-run`, no arguments) twice into one fresh
   compilation cache: wall time, compile time, RMSE and diffusivity error.
 
@@ -223,7 +224,7 @@ def section_gradients(sizes, repeats: int) -> list[dict]:
 # ---------------------------------------------------------------- throughput
 
 
-def section_throughput(n_windows: int, train_steps: int) -> list[dict]:
+def section_throughput(n_windows: int, train_steps: int, n: int) -> list[dict]:
     from assim import (
         TrainSettings,
         Variational,
@@ -233,8 +234,8 @@ def section_throughput(n_windows: int, train_steps: int) -> list[dict]:
         train,
     )
 
-    net, problem = unrolled_net(advection_diffusion())
-    data = random_windows(n_windows)
+    net, problem = unrolled_net(advection_diffusion(n))
+    data = random_windows(n_windows, n=n)
     # Steps stable on the first window, as assim-train starts them.
     first = jax.tree.map(lambda a: a[0], data.obs)
     net = net.with_stable_steps(problem, first, data.background[0])
@@ -296,6 +297,7 @@ def section_throughput(n_windows: int, train_steps: int) -> list[dict]:
     )
     rows.append({"method": "background", "rmse": rmse(data.background)})
     for row in rows:
+        row["grid"] = n
         row["peak_mib"] = peak_memory_mib()
         print(f"throughput: {row}", flush=True)
     return rows
@@ -380,7 +382,8 @@ def print_tables(found: dict) -> None:
                 f"{_f(r.get('krylov_transpose'), '.0f')} | {r['peak_mib']:.0f} |"
             )
     if "throughput" in found:
-        print("\n| 64^2 windows | windows/s | RMSE (initial state) | peak MiB |")
+        n = found["throughput"][0]["grid"]
+        print(f"\n| {n}^2 windows | windows/s | RMSE (initial state) | peak MiB |")
         print("|---|---|---|---|")
         for r in found["throughput"]:
             print(
@@ -421,7 +424,9 @@ def run(args) -> dict:
     if "gradients" in only:
         found["gradients"] = section_gradients(gradient_sizes, args.repeats)
     if "throughput" in only:
-        found["throughput"] = section_throughput(args.windows, args.train_steps)
+        found["throughput"] = section_throughput(
+            args.windows, args.train_steps, args.throughput_grid
+        )
     if "cli" in only:
         found["cli"] = section_cli()
     return found
@@ -435,6 +440,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--throughput-grid", type=int, default=64)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     with jax.enable_x64(False):  # float32 (the f64 rows switch it on themselves)

@@ -123,8 +123,8 @@ def synthetic_fields(rng, n_times, n=GRID, t0=0):
     return u.astype(np.float32)
 
 
-def random_windows(n_windows, seed=0):
-    """A batch of synthetic windows (5% observed, noise 0.05) in memory."""
+def random_windows(n_windows, seed=0, n=GRID):
+    """A batch of synthetic `n x n` windows (5% observed, noise 0.05) in memory."""
     import jax.numpy as jnp
 
     from assim import ObservationSet, windows_batch
@@ -132,7 +132,7 @@ def random_windows(n_windows, seed=0):
     rng = np.random.default_rng(seed)
     windows = []
     for _ in range(n_windows):
-        truth = synthetic_fields(rng, N_TIMES)
+        truth = synthetic_fields(rng, N_TIMES, n)
         mask = rng.random(truth.shape) < 0.05
         values = np.where(mask, truth + 0.05 * rng.normal(size=truth.shape), 0.0)
         windows.append(
@@ -144,7 +144,7 @@ def random_windows(n_windows, seed=0):
                 jnp.asarray(truth),
             )
         )
-    return windows_batch(windows, (GRID, GRID))
+    return windows_batch(windows, (n, n))
 
 
 # ------------------------------------------------------------------- devices

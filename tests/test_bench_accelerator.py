@@ -28,11 +28,12 @@ def test_accelerator_benchmark_measures_windows_gradients_and_throughput(
     out = tmp_path / "accelerator.json"
     argv = ["--only", "windows", "gradients", "throughput", "--window-sizes", "12"]
     argv += ["--gradient-sizes", "16", "--repeats", "1", "--windows", "2"]
+    argv += ["--throughput-grid", "16"]
     bench.main([*argv, "--train-steps", "2", "--json", str(out)])
     found = json.loads(out.read_text())
     assert not list(tmp_path.glob("*.tmp"))
     printed = capsys.readouterr().out
-    assert "| grid | GN iterations |" in printed and "| 64^2 windows |" in printed
+    assert "| grid | GN iterations |" in printed and "| 16^2 windows |" in printed
 
     (window,) = found["windows"]
     assert window["grid"] == 12 and window["outer_iterations"] >= 1
