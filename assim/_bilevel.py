@@ -61,7 +61,12 @@ def _implicit_minimum_bwd(residuals, ct, perturbed, args, v, linear_solver):
         v,
         is_leaf=lambda x: x is None,
     )
-    lam = lx.linear_solve(hessian, ct, linear_solver).value
+    if args[1].blow_up == "raise":  # the problem's: raise inside the program
+        lam = lx.linear_solve(hessian, ct, linear_solver).value
+    else:  # NaN, for a caller that checks on the host (no host callback)
+        solution = lx.linear_solve(hessian, ct, linear_solver, throw=False)
+        failed = solution.result != lx.RESULTS.successful
+        lam = jax.tree.map(lambda a: jnp.where(failed, jnp.nan, a), solution.value)
     _, args_vjp = jax.vjp(lambda d: gradient(v, d), dyn)
     return args_vjp(jax.tree.map(jnp.negative, lam))[0]
 
@@ -241,6 +246,10 @@ class BilevelVar(AbstractWindowNet):
         adjoint = self.adjoint_for(problem)
         own_rule = isinstance(adjoint, ReverseImplicitAdjoint)
         start = self.model_problem(problem).initial_control(window, background)
+        throw = self.throw if throw is None else throw
+        # A problem that must not raise inside the program (`without_raising`:
+        # training, `analyse_window`) gets NaN for an unconverged solve instead.
+        raising = problem.blow_up == "raise"
         solution = optx.minimise(
             _inner_cost,
             self.solver,
@@ -248,13 +257,16 @@ class BilevelVar(AbstractWindowNet):
             held(args) if own_rule else args,
             max_steps=self.max_steps,
             adjoint=optx.ImplicitAdjoint() if own_rule else adjoint,
-            throw=self.throw if throw is None else throw,
+            throw=throw and raising,
             tags=SPD_TAGS,
         )
-        if not own_rule:
-            return solution
-        v = _implicit_minimum(args, solution.value, adjoint.linear_solver)
-        return eqx.tree_at(lambda s: s.value, solution, v)
+        value = solution.value
+        if own_rule:
+            value = _implicit_minimum(args, value, adjoint.linear_solver)
+        if throw and not raising:
+            failed = solution.result != optx.RESULTS.successful
+            value = jax.tree.map(lambda a: jnp.where(failed, jnp.nan, a), value)
+        return eqx.tree_at(lambda s: s.value, solution, value)
 
     def __call__(
         self, problem: WindowProblem, window: ObservationSet, background: Array

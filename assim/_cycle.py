@@ -114,10 +114,13 @@ def analyse_window(
     base_window = window
     if adaptation is not None:
         problem, window = adaptation.apply(problem, window, state)
-    analysis, info = analyser(problem, window, background)
-    # The reported trajectories and the forecast do not raise inside the program
-    # (a raising check is a host callback, and JAX never caches a program with
-    # one): a non-finite forecast is refused on the host (`check_forecast`).
+    # Nothing raises inside the program (a raising check is a host callback, and
+    # JAX's persistent compilation cache stores no program holding one): an
+    # analysis the model cannot integrate has an infinite cost (a failed window,
+    # on the host), a non-finite forecast is refused on the host
+    # (`check_forecast`). Iterative analysers back off from trial steps that
+    # blow up (`tolerating_blow_up`).
+    analysis, info = analyser(problem.without_raising(), window, background)
     model = analyser.model_problem(problem).tolerating_blow_up()
     n = window.n_times
     start = model.initial_control(window, background)

@@ -9,7 +9,7 @@ networks and bilevel layers all evaluate it through this module."""
 import abc
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
@@ -342,6 +342,12 @@ class WindowProblem(eqx.Module):
       they default to its whitened prior (zeros, 1).
     - `model_error_covariance`: `Q` of the model-error forcing (weak constraint).
     - `terms`: extra cost terms (`AbstractCostTerm`).
+    - `blow_up`: how a rollout that blows up (or a failed implicit stage solve) is
+      met: `"raise"` (the default, an error inside the program), `"inf"` (the cost
+      is `inf`, for line searches: `tolerating_blow_up`) or `"nan"` (NaN states
+      reach whatever is computed from them, for callers that check finiteness on
+      the host: `without_raising`). A simulator with `check_finite=False` is met
+      as `"inf"` unless `"nan"` is asked for.
     """
 
     simulator: Simulator
@@ -352,6 +358,7 @@ class WindowProblem(eqx.Module):
     parameter_std: PyTree[Array] | None = None
     model_error_covariance: AbstractCovariance | None = None
     terms: tuple[AbstractCostTerm, ...] = ()
+    blow_up: Literal["raise", "inf", "nan"] = eqx.field(static=True, default="raise")
 
     def __init__(
         self,
@@ -364,6 +371,7 @@ class WindowProblem(eqx.Module):
         parameter_std: PyTree[Array] | None = None,
         model_error_covariance: AbstractCovariance | None = None,
         terms=(),
+        blow_up: Literal["raise", "inf", "nan"] = "raise",
     ):
         if isinstance(set_parameters, Parameter):
             dtype = jnp.zeros(()).dtype
@@ -379,8 +387,13 @@ class WindowProblem(eqx.Module):
         self.parameter_std = parameter_std
         self.model_error_covariance = model_error_covariance
         self.terms = tuple(terms)
+        self.blow_up = blow_up
 
     def __check_init__(self):
+        if self.blow_up not in ("raise", "inf", "nan"):
+            raise ValueError(
+                f"blow_up must be 'raise', 'inf' or 'nan', got {self.blow_up!r}"
+            )
         if self.observation_interval < 1:
             raise ValueError(
                 f"observation_interval must be >= 1, got {self.observation_interval}"
@@ -483,7 +496,17 @@ class WindowProblem(eqx.Module):
         integrate (a chaotic rollout from an over-long step) instead of stopping
         the run."""
         simulator = dataclasses.replace(self.simulator, check_finite=False)
-        return eqx.tree_at(lambda p: p.simulator, self, simulator)
+        return dataclasses.replace(self, simulator=simulator, blow_up="inf")
+
+    def without_raising(self) -> "WindowProblem":
+        """The problem whose programs raise nothing (`check_finite=False`): a
+        rollout that blows up or a failed implicit stage solve gives NaN states,
+        which reach the costs and losses computed from them, for a caller that
+        checks their finiteness on the host (training). A raising check is a host
+        callback, and JAX's persistent compilation cache stores no program that
+        holds one."""
+        simulator = dataclasses.replace(self.simulator, check_finite=False)
+        return dataclasses.replace(self, simulator=simulator, blow_up="nan")
 
     def forcings(self, w: Array | None) -> Array | None:
         """The model-error forcings `q_k = Q^{1/2} w_k`, `(n_obs - 1, *grid)`."""
@@ -568,7 +591,7 @@ class WindowProblem(eqx.Module):
         reach the implicit stages' adjoint solves); `cost` then returns `inf`."""
         states = self.trajectory(analysis, window.n_times)
         finite = jnp.asarray(True)
-        if not self.simulator.check_finite:
+        if not self.simulator.check_finite and self.blow_up != "nan":
             finite = jnp.all(jnp.isfinite(states))
             states = jnp.where(finite, states, 0.0)
         out: dict[str, Any] = {"observations": window.innovations(states)}

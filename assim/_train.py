@@ -435,6 +435,11 @@ def train(
     """
     mesh = batch_mesh() if mesh is None else mesh
     check_divides(settings.batch_size, mesh, "batch_size")
+    # No raising check inside the training programs (JAX's persistent compilation
+    # cache stores no program holding one, so every run would compile its steps
+    # again): a rollout that blows up or a failed stage solve gives a non-finite
+    # loss, which stops the run below, on the host.
+    problem = problem.without_raising()
     sharding = batch_sharding(mesh)
     state = init_state(net, settings)
     header = dict(header or {})
@@ -556,7 +561,11 @@ def train(
                 stop(f"step {step + 1}: a solve failed ({error_summary(e)})", e)
             if not finite:
                 loss = float(value)
-                stop(f"step {step + 1}: non-finite loss or gradient (loss {loss})")
+                stop(
+                    f"step {step + 1}: non-finite loss or gradient (loss {loss}): a "
+                    "rollout blew up, an implicit stage solve failed or the "
+                    "parameters diverged"
+                )
             losses[step] = float(value)
             good = state
             if pending is not None and int(pending.step) == step:
@@ -577,6 +586,11 @@ def train(
                 scores = evaluate(
                     network(net, state), problem, validation_data(state), settings
                 )
+                if not all(np.isfinite(v) for v in scores.values()):
+                    stop(
+                        f"step {step + 1}: non-finite validation loss ({scores}): "
+                        "the network's analyses of the validation windows blew up"
+                    )
                 record["validation"] = scores
                 if on_validation is not None:
                     on_validation(step + 1, network(net, state), scores)

@@ -143,8 +143,16 @@ def run_twin(
             f"got {list(splits)}"
         )
     n_steps = spinup_steps + (n_times - 1) * observation_interval
+    # Checked here, on the host: a raising check inside the program is a host
+    # callback, which keeps it out of JAX's persistent compilation cache.
+    unchecked = dataclasses.replace(truth_simulator, check_finite=False)
     rollout = eqx.filter_jit(lambda s, u: s.rollout(u, n_steps))
-    trajectory = np.asarray(rollout(truth_simulator, jnp.asarray(initial_state)))
+    trajectory = np.asarray(rollout(unchecked, jnp.asarray(initial_state)))
+    if not np.all(np.isfinite(trajectory)):
+        raise ValueError(
+            "the truth run became non-finite: the model blew up from its initial "
+            "state, or the time step is too long for the scheme"
+        )
     truth = trajectory[spinup_steps::observation_interval]
     mask = sensor_mask(truth_simulator.model.grid, n_times, rng, **sensors)
     noisy = truth + noise_std * rng.normal(size=truth.shape)

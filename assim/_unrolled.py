@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from simulators import Grid
+from simulators import Grid, is_concrete
 
 from ._analyser import AbstractAnalyser, Info, fixed_steps_info
 from ._networks import (
@@ -324,14 +324,20 @@ class UnrolledVar(AbstractWindowNet):
         A curvature that overflows (the window's linearisation too large for the
         precision, e.g. a long chaotic window in float32) is an error, not a zero
         step."""
+        # Without raising checks inside (checked below): a program holding one
+        # stays out of JAX's persistent compilation cache.
+        problem = problem.without_raising()
         step = fraction / self.curvature(problem, window, background)
-        step = eqx.error_if(
-            step,
-            ~(jnp.isfinite(step) & (step > 0)),
+        message = (
             "with_stable_steps: the curvature of the window's Gauss-Newton Hessian "
             "is not finite and positive (the linearisation overflows in this "
-            "precision: float64, a shorter window or a larger observation error)",
+            "precision: float64, a shorter window or a larger observation error)"
         )
+        if is_concrete(step):  # on the host: no program holding a callback
+            if not (np.isfinite(step) and step > 0):
+                raise ValueError(message)
+        else:
+            step = eqx.error_if(step, ~(jnp.isfinite(step) & (step > 0)), message)
         return eqx.tree_at(
             lambda m: m.log_step, self, jnp.full_like(self.log_step, jnp.log(step))
         )

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import xarray as xr
+import yaml
 
 
 def _run(tmp_path, *overrides):
@@ -361,6 +362,12 @@ TINY_L96_TWIN = [
 ]
 
 
+def _summary(app) -> dict:
+    """The summary an app prints (YAML) after its log lines."""
+    lines = [line for line in app.stdout.splitlines() if not line.startswith("[")]
+    return yaml.safe_load("\n".join(lines))
+
+
 def _run_checkpoint(tmp_path, name, *overrides, method="unrolled"):
     """`assim-run method=unrolled` (or `hybrid`) with the checkpoint and
     observations that `assim-train` left in `tmp_path`; its metrics."""
@@ -396,10 +403,21 @@ def test_train_resume_then_run_unrolled(tmp_path):
         "training.loss.terms.cost.loss.refine_cg=5",
         "progress=false",
     ]
-    first = _app("train", tmp_path, *small, "training.steps=2")
+    cache = f"compilation_cache.dir={tmp_path / 'cache'}"
+    first = _app("train", tmp_path, *small, "training.steps=2", cache)
     assert first.returncode == 0, first.stderr
-    resumed = _app("train", tmp_path, *small, "training.steps=3", "resume=true")
+    # Every program compiled went to the persistent cache (none holds a host
+    # callback: the training programs raise nothing inside, the run stops on a
+    # non-finite loss on the host), and the resumed run loads most from it.
+    compiled = _summary(first)["compilation"]
+    stored = len(list((tmp_path / "cache").glob("*-cache")))
+    assert stored == compiled["programs"] - compiled["cache_hits"] > 10
+    resumed = _app("train", tmp_path, *small, "training.steps=3", "resume=true", cache)
     assert resumed.returncode == 0, resumed.stderr
+    compiled = _summary(resumed)["compilation"]
+    new = len(list((tmp_path / "cache").glob("*-cache"))) - stored
+    assert new == compiled["programs"] - compiled["cache_hits"], compiled
+    assert compiled["cache_hits"] > 0.8 * compiled["programs"], compiled
     records = [
         json.loads(line)
         for line in (tmp_path / "metrics.jsonl").read_text().splitlines()

@@ -28,11 +28,14 @@ from assim import (
     TrainingStopped,
     TrainSettings,
     UnrolledVar,
+    Variational,
     WeightedLoss,
     WindowProblem,
+    analyse_window,
     batch_loss,
     cycle,
     cycled_backgrounds,
+    incremental,
     train,
     windows_batch,
 )
@@ -698,6 +701,35 @@ def test_divergence_stops_and_keeps_the_last_good_state(l96_windows, getkey, tmp
             checkpoint=fresh,
             resume=True,
         )
+
+
+def test_no_raising_check_inside_analysis_and_training(l96_windows, getkey):
+    """`WindowProblem.without_raising`: a rollout that blows up gives NaN where the
+    default problem raises. The programs of `analyse_window` (for a network and for
+    4D-Var) hold no host callback, which would keep them out of JAX's persistent
+    compilation cache, and give a window the model cannot integrate an infinite
+    cost (a failed window); training on such a window stops on the host with
+    `TrainingStopped`, naming the non-finite loss."""
+    l96, B, windows = l96_windows
+    net, problem = make_net(l96, B, getkey())
+    blown = Analysis(1e200 * jnp.cos(jnp.arange(40.0)), None, None)  # overflows
+    with pytest.raises(Exception, match="non-finite"):
+        jax.block_until_ready(problem.trajectory(blown, T))
+    states = problem.without_raising().trajectory(blown, T)
+    assert not jnp.all(jnp.isfinite(states))
+    obs, xb = windows[0], jnp.asarray(windows[0].truth[0]) + 1.0
+    analyse = eqx.filter_jit(analyse_window)
+    for analyser in (net, Variational(incremental(), 2)):
+        assert "callback" not in analyse.lower(analyser, problem, obs, xb).as_text()
+        assert np.all(np.isfinite(analyse(analyser, problem, obs, xb)["cost"]))
+        out = analyse(analyser, problem, obs, blown.initial_state)
+        assert out["cost"][0] == np.inf
+    data = windows_batch(windows, (40,))
+    huge = jnp.broadcast_to(blown.initial_state, data.background.shape)
+    data = eqx.tree_at(lambda b: b.background, data, huge)
+    settings = TrainSettings(steps=2, batch_size=2, validate_every=0)
+    with pytest.raises(TrainingStopped, match="step 1: non-finite loss"):
+        train(net, problem, data, settings)
 
 
 def test_bilevel_hypergradient_through_newton_krylov(l96_windows, getkey):
