@@ -4,6 +4,7 @@ from ._grid import Grid as Grid
 from ._linear import DelegatingLinearSolver as DelegatingLinearSolver
 from ._linear import KrylovCounter as KrylovCounter
 from ._linear import ScaleInvariant as ScaleInvariant
+from ._linear import solves_without_raising as solves_without_raising
 from ._model import AbstractModel as AbstractModel
 from ._model import AbstractSpectralModel as AbstractSpectralModel
 from ._model import is_concrete as is_concrete

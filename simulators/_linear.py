@@ -1,6 +1,8 @@
 """lineax solvers that wrap another: the building blocks of the stage solves, and of
 solvers that change how a wrapped solver's result is read (e.g. truncated CG)."""
 
+import contextlib
+import contextvars
 import functools
 
 import equinox as eqx
@@ -125,6 +127,23 @@ def _innermost(solver):
     return solver
 
 
+_RAISING = contextvars.ContextVar("simulators_raising_solves", default=True)
+
+
+@contextlib.contextmanager
+def solves_without_raising():
+    """Inside this context, `nan_tolerant_solve`s traced (and their derivative
+    solves) return NaN where the solver fails instead of raising: no raising check,
+    which is a host callback, in the program (JAX's persistent compilation cache
+    stores no program holding one). `Simulator(check_finite=False)` traces its
+    rollouts so; the caller then checks finiteness."""
+    token = _RAISING.set(False)
+    try:
+        yield
+    finally:
+        _RAISING.reset(token)
+
+
 def nan_tolerant_solve(operator, rhs, solver, preconditioner=None):
     """`A^{-1} rhs` for the lineax `operator` `A` by the lineax `solver`,
     differentiable to any order (`jax.lax.custom_linear_solve`: a tangent is one
@@ -134,18 +153,23 @@ def nan_tolerant_solve(operator, rhs, solver, preconditioner=None):
     search backs off from a trial step the model cannot integrate: lineax raises on
     a non-finite input, and a trial rollout that blows up late sends NaN cotangents
     back into the solves of its still-finite early steps. A finite right-hand side
-    the solver cannot solve still raises.
+    the solver cannot solve still raises, except inside `solves_without_raising`
+    (read when the solve is traced), where it gives NaN too.
 
     `preconditioner`: a lineax operator approximating `A^{-1}` (transposed for
     the transpose solves)."""
 
+    throw = _RAISING.get()
+
     def solve_with(operator, b, precondition):
         finite = jnp.all(jnp.isfinite(b))
         options = {} if precondition is None else {"preconditioner": precondition}
-        x = lx.linear_solve(
-            operator, jnp.where(finite, b, 0.0), solver, options=options
-        ).value
-        return jnp.where(finite, x, jnp.nan)
+        solution = lx.linear_solve(
+            operator, jnp.where(finite, b, 0.0), solver, options=options, throw=throw
+        )
+        if not throw:
+            finite = finite & (solution.result == lx.RESULTS.successful)
+        return jnp.where(finite, solution.value, jnp.nan)
 
     def forward(_, b):
         return solve_with(operator, b, preconditioner)

@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 from collections.abc import Callable
 
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from ._linear import solves_without_raising
 from ._model import AbstractModel, is_concrete
 from ._schemes.base import AbstractScheme
 from ._solve import NewtonKrylov
@@ -112,34 +114,38 @@ class Simulator(eqx.Module):
         n_steps, every = int(n_steps), int(every)
         u0 = self.model.check_state(u0, finite=self.check_finite)
 
-        scheme = self.scheme
-        if not self.check_finite and self.newton_krylov is not None:
-            solver = dataclasses.replace(self.newton_krylov, throw=False)
-            scheme = scheme.with_newton_krylov(solver)
+        # Unchecked: stage and linear solves give NaN instead of raising (no host
+        # callback in the program); the caller checks finiteness.
+        checked = self.check_finite
+        with contextlib.nullcontext() if checked else solves_without_raising():
+            scheme = self.scheme
+            if not self.check_finite and self.newton_krylov is not None:
+                solver = dataclasses.replace(self.newton_krylov, throw=False)
+                scheme = scheme.with_newton_krylov(solver)
 
-        def step(u):
-            return scheme.step(self.model, u, self.dt, self.correction)
+            def step(u):
+                return scheme.step(self.model, u, self.dt, self.correction)
 
-        if self.checkpoint:
-            step = jax.checkpoint(step)
-        if self.checkpoints is not None:
-            if with_info:
-                raise ValueError(
-                    "rollout(with_info=True) is not available with binomial "
-                    "checkpoints (the per-step information is not stored)"
+            if self.checkpoint:
+                step = jax.checkpoint(step)
+            if self.checkpoints is not None:
+                if with_info:
+                    raise ValueError(
+                        "rollout(with_info=True) is not available with binomial "
+                        "checkpoints (the per-step information is not stored)"
+                    )
+                final, states = self._checkpointed(step, u0, n_steps, every)
+                info = None
+            else:
+
+                def interval(u, _):
+                    u, info = jax.lax.scan(lambda v, _: step(v), u, None, length=every)
+                    return u, (u, info)
+
+                final, (states, info) = jax.lax.scan(
+                    interval, u0, None, length=n_steps // every
                 )
-            final, states = self._checkpointed(step, u0, n_steps, every)
-            info = None
-        else:
-
-            def interval(u, _):
-                u, info = jax.lax.scan(lambda v, _: step(v), u, None, length=every)
-                return u, (u, info)
-
-            final, (states, info) = jax.lax.scan(
-                interval, u0, None, length=n_steps // every
-            )
-            info = jax.tree.map(lambda a: a.reshape(n_steps, *a.shape[2:]), info)
+                info = jax.tree.map(lambda a: a.reshape(n_steps, *a.shape[2:]), info)
         if self.check_finite:
             states = eqx.error_if(
                 states,

@@ -12,7 +12,7 @@ import optimistix as optx
 from jaxtyping import Array, Int
 
 from ._linear import Counted, KrylovCounter, ScaleInvariant
-from ._model import AbstractModel, _tolerance
+from ._model import AbstractModel, _tolerance, is_concrete
 
 
 def _krylov(kind: str, rtol: float, atol: float, max_steps: int, restart: int):
@@ -82,7 +82,9 @@ class NewtonKrylov(eqx.Module):
     def __check_init__(self):
         for name in ("rtol", "atol", "krylov_tol", "adjoint_tol"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
+            # (a traced tolerance, e.g. a simulator passed to `jax.jit`, is not
+            # checked: it was when the solver was built)
+            if value is not None and is_concrete(value) and not value > 0:
                 raise ValueError(f"NewtonKrylov.{name} must be positive, got {value}")
         if self.krylov not in ("gmres", "bicgstab"):
             raise ValueError(f"krylov must be 'gmres' or 'bicgstab', got {self.krylov}")

@@ -33,6 +33,7 @@ def test_simulate_writes_netcdf_metrics_and_plot(tmp_path):
         "simulator=burgers1d",
         "n_steps=6",
         "float64=true",
+        f"compilation_cache.dir={tmp_path / 'cache'}",
     )
     assert result.returncode == 0, result.stderr
     ds = xr.open_dataset(tmp_path / "trajectory.nc")
@@ -47,6 +48,11 @@ def test_simulate_writes_netcdf_metrics_and_plot(tmp_path):
     assert metrics["n_steps"] == 6
     assert metrics["mean_newton_steps"] >= 2  # CN on Burgers really iterates
     assert (tmp_path / "trajectory.png").stat().st_size > 1000
+    # Every program compiled went to the persistent cache (the blow-up check is
+    # on the host: none holds a host callback).
+    compiled = metrics["compilation"]
+    stored = list((tmp_path / "cache").glob("*-cache"))
+    assert len(stored) == compiled["programs"] - compiled["cache_hits"] > 0
 
 
 def test_simulate_bad_input_fails_cleanly(tmp_path):
@@ -55,6 +61,12 @@ def test_simulate_bad_input_fails_cleanly(tmp_path):
     assert "time step dt must be positive" in result.stderr
     assert not (tmp_path / "trajectory.nc").exists()
     assert not (tmp_path / "metrics.json").exists()
+    # RK4 at a step 50x Lorenz-96's usual one blows up: one line, nothing written.
+    result = _run(tmp_path, "simulator=lorenz96", "simulator.dt=0.5", "n_steps=50")
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "rollout became non-finite at step" in errors[0]
+    assert not (tmp_path / "trajectory.nc").exists()
 
 
 def _app(module, tmp_path, *overrides, run_dir=None, env=None):

@@ -6,6 +6,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import lineax as lx
 import numpy as np
 import pytest
 from helpers import smooth_state
@@ -116,6 +117,47 @@ def test_failed_newton_is_nan_without_check_finite():
         dataclasses.replace(good, check_finite=False).rollout(u0, 3),
         good.rollout(u0, 3),
     )
+
+
+def test_unchecked_programs_hold_no_raising_check():
+    """A linear solve that fails raises; traced inside `solves_without_raising` it
+    gives NaN, derivatives included. A `Simulator(check_finite=False)` rollout
+    through implicit stages (Newton-Krylov) and a kappa field's GMRES solves holds
+    no host callback (which would keep its program out of JAX's persistent
+    compilation cache); a checked one does."""
+    from simulators._linear import nan_tolerant_solve
+
+    matrix = jnp.diag(jnp.arange(1.0, 9.0)) + 0.1
+    operator = lx.MatrixLinearOperator(matrix)
+    capped = lx.GMRES(rtol=1e-12, atol=1e-12, max_steps=1, restart=1)
+    rhs = jnp.ones(8)
+    with pytest.raises(Exception, match="maximum number of solver steps"):
+        jax.block_until_ready(nan_tolerant_solve(operator, rhs, capped))
+    with sim.solves_without_raising():
+        x = nan_tolerant_solve(operator, rhs, capped)
+        gradient = jax.grad(lambda b: nan_tolerant_solve(operator, b, capped)[0])(rhs)
+    assert jnp.all(jnp.isnan(x)) and jnp.all(jnp.isnan(gradient))
+    with sim.solves_without_raising():  # a solve that converges is unchanged
+        x = nan_tolerant_solve(operator, rhs, lx.LU())
+    np.testing.assert_allclose(matrix @ x, rhs, rtol=1e-12)
+
+    grid = sim.Grid((8, 8), (1.0, 1.0))
+    kappa = 0.05 * (1.5 + jnp.sin(2 * np.pi * grid.mesh()[0]))
+    model = sim.AdvectionDiffusion(grid, kappa, [1.0, 0.5])
+    u0 = smooth_state(grid)
+    for scheme in (sim.backward_euler(), sim.IMEXRungeKutta("ars222")):
+        checked = sim.Simulator(model, scheme, 0.05)
+        unchecked = dataclasses.replace(checked, check_finite=False)
+
+        def rollout(s, u):
+            return s.rollout(u, 3)
+
+        text = eqx.filter_jit(rollout).lower(unchecked, u0).as_text()
+        assert "callback" not in text
+        assert "callback" in eqx.filter_jit(rollout).lower(checked, u0).as_text()
+        np.testing.assert_allclose(  # two programs: their own rounding
+            rollout(unchecked, u0), rollout(checked, u0), rtol=1e-12, atol=1e-14
+        )
 
 
 def test_krylov_not_converging_is_reported():
