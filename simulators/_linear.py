@@ -136,7 +136,8 @@ def solves_without_raising():
     solves) return NaN where the solver fails instead of raising: no raising check,
     which is a host callback, in the program (JAX's persistent compilation cache
     stores no program holding one). `Simulator(check_finite=False)` traces its
-    rollouts so; the caller then checks finiteness."""
+    rollouts so; the caller then checks finiteness. It acts when a solve is traced:
+    a `jax.jit` function already traced outside it is not traced again inside."""
     token = _RAISING.set(False)
     try:
         yield

@@ -75,8 +75,24 @@ class Simulator(eqx.Module):
 
     def step_with_info(self, u: Array) -> tuple[Array, dict[str, Array]]:
         """One step; returns `(u_next, info)` (e.g. Newton iteration counts)."""
-        u = self.model.check_state(u)
-        return self.scheme.step(self.model, u, self.dt, self.correction)
+        u = self.model.check_state(u, finite=self.check_finite)
+        with self._solves():
+            return self._scheme().step(self.model, u, self.dt, self.correction)
+
+    def _scheme(self) -> AbstractScheme:
+        """The scheme, whose Newton-Krylov stages give NaN instead of raising when
+        the simulator does not check finiteness."""
+        if self.check_finite or self.newton_krylov is None:
+            return self.scheme
+        solver = dataclasses.replace(self.newton_krylov, throw=False)
+        return self.scheme.with_newton_krylov(solver)
+
+    def _solves(self):
+        """The context to trace steps in: unchecked, linear solves give NaN instead
+        of raising (no host callback in the program; the caller checks)."""
+        if self.check_finite:
+            return contextlib.nullcontext()
+        return solves_without_raising()
 
     def step(self, u: Float[Array, "*grid"]) -> Float[Array, "*grid"]:
         """Advance the state `u` by one time step `dt`."""
@@ -114,14 +130,8 @@ class Simulator(eqx.Module):
         n_steps, every = int(n_steps), int(every)
         u0 = self.model.check_state(u0, finite=self.check_finite)
 
-        # Unchecked: stage and linear solves give NaN instead of raising (no host
-        # callback in the program); the caller checks finiteness.
-        checked = self.check_finite
-        with contextlib.nullcontext() if checked else solves_without_raising():
-            scheme = self.scheme
-            if not self.check_finite and self.newton_krylov is not None:
-                solver = dataclasses.replace(self.newton_krylov, throw=False)
-                scheme = scheme.with_newton_krylov(solver)
+        with self._solves():
+            scheme = self._scheme()
 
             def step(u):
                 return scheme.step(self.model, u, self.dt, self.correction)

@@ -121,7 +121,7 @@ def test_failed_newton_is_nan_without_check_finite():
 
 def test_unchecked_programs_hold_no_raising_check():
     """A linear solve that fails raises; traced inside `solves_without_raising` it
-    gives NaN, derivatives included. A `Simulator(check_finite=False)` rollout
+    gives NaN, derivatives included. A `Simulator(check_finite=False)` step or rollout
     through implicit stages (Newton-Krylov) and a kappa field's GMRES solves holds
     no host callback (which would keep its program out of JAX's persistent
     compilation cache); a checked one does."""
@@ -154,6 +154,8 @@ def test_unchecked_programs_hold_no_raising_check():
 
         text = eqx.filter_jit(rollout).lower(unchecked, u0).as_text()
         assert "callback" not in text
+        step = eqx.filter_jit(lambda s, u: s.step(u))
+        assert "callback" not in step.lower(unchecked, u0).as_text()
         assert "callback" in eqx.filter_jit(rollout).lower(checked, u0).as_text()
         np.testing.assert_allclose(  # two programs: their own rounding
             rollout(unchecked, u0), rollout(checked, u0), rtol=1e-12, atol=1e-14
