@@ -76,8 +76,7 @@ class Simulator(eqx.Module):
     def step_with_info(self, u: Array) -> tuple[Array, dict[str, Array]]:
         """One step; returns `(u_next, info)` (e.g. Newton iteration counts)."""
         u = self.model.check_state(u, finite=self.check_finite)
-        with self._solves():
-            return self._scheme().step(self.model, u, self.dt, self.correction)
+        return self._step(self._scheme(), u)
 
     def _scheme(self) -> AbstractScheme:
         """The scheme, whose Newton-Krylov stages give NaN instead of raising when
@@ -87,12 +86,14 @@ class Simulator(eqx.Module):
         solver = dataclasses.replace(self.newton_krylov, throw=False)
         return self.scheme.with_newton_krylov(solver)
 
-    def _solves(self):
-        """The context to trace steps in: unchecked, linear solves give NaN instead
-        of raising (no host callback in the program; the caller checks)."""
-        if self.check_finite:
-            return contextlib.nullcontext()
-        return solves_without_raising()
+    def _step(self, scheme: AbstractScheme, u: Array) -> tuple[Array, dict]:
+        """One step of `scheme`, traced, when the simulator does not check
+        finiteness, with linear solves that give NaN instead of raising (no host
+        callback in the program; the caller checks). The context is entered
+        wherever the step is traced (a rematerialised step too)."""
+        checked = self.check_finite
+        with contextlib.nullcontext() if checked else solves_without_raising():
+            return scheme.step(self.model, u, self.dt, self.correction)
 
     def step(self, u: Float[Array, "*grid"]) -> Float[Array, "*grid"]:
         """Advance the state `u` by one time step `dt`."""
@@ -130,32 +131,31 @@ class Simulator(eqx.Module):
         n_steps, every = int(n_steps), int(every)
         u0 = self.model.check_state(u0, finite=self.check_finite)
 
-        with self._solves():
-            scheme = self._scheme()
+        scheme = self._scheme()
 
-            def step(u):
-                return scheme.step(self.model, u, self.dt, self.correction)
+        def step(u):
+            return self._step(scheme, u)
 
-            if self.checkpoint:
-                step = jax.checkpoint(step)
-            if self.checkpoints is not None:
-                if with_info:
-                    raise ValueError(
-                        "rollout(with_info=True) is not available with binomial "
-                        "checkpoints (the per-step information is not stored)"
-                    )
-                final, states = self._checkpointed(step, u0, n_steps, every)
-                info = None
-            else:
-
-                def interval(u, _):
-                    u, info = jax.lax.scan(lambda v, _: step(v), u, None, length=every)
-                    return u, (u, info)
-
-                final, (states, info) = jax.lax.scan(
-                    interval, u0, None, length=n_steps // every
+        if self.checkpoint:
+            step = jax.checkpoint(step)
+        if self.checkpoints is not None:
+            if with_info:
+                raise ValueError(
+                    "rollout(with_info=True) is not available with binomial "
+                    "checkpoints (the per-step information is not stored)"
                 )
-                info = jax.tree.map(lambda a: a.reshape(n_steps, *a.shape[2:]), info)
+            final, states = self._checkpointed(step, u0, n_steps, every)
+            info = None
+        else:
+
+            def interval(u, _):
+                u, info = jax.lax.scan(lambda v, _: step(v), u, None, length=every)
+                return u, (u, info)
+
+            final, (states, info) = jax.lax.scan(
+                interval, u0, None, length=n_steps // every
+            )
+            info = jax.tree.map(lambda a: a.reshape(n_steps, *a.shape[2:]), info)
         if self.check_finite:
             states = eqx.error_if(
                 states,
