@@ -88,6 +88,12 @@ class Grid(eqx.Module):
     # ---------------------------------------------------------------- spectral
     def wavenumbers(self) -> tuple[Array, ...]:
         """Angular wavenumbers of `rfftn` on the grid, broadcastable (periodic only)."""
+        return tuple(jnp.asarray(k) for k in self.numpy_wavenumbers())
+
+    def numpy_wavenumbers(self) -> tuple[np.ndarray, ...]:
+        """`wavenumbers()` as NumPy arrays (float64): constants for spectral
+        multipliers built at trace time, cast to the state's precision by the
+        caller."""
         if self.boundary != "periodic":
             raise ValueError("wavenumbers are defined for periodic grids only")
         ks = []
@@ -98,14 +104,18 @@ class Grid(eqx.Module):
                 k = 2 * np.pi * np.fft.fftfreq(n, d=dx)
             bshape = [1] * self.ndim
             bshape[a] = k.size
-            ks.append(jnp.asarray(k.reshape(bshape)))
+            ks.append(k.reshape(bshape))
         return tuple(ks)
 
     def dealias_mask(self) -> Array:
         """The 2/3-rule mask in `rfftn` space (Orszag 1971)."""
-        mask = True
-        for k, dx in zip(self.wavenumbers(), self.spacing, strict=True):
-            mask = mask & (jnp.abs(k) < (2.0 / 3.0) * np.pi / dx)
+        return jnp.asarray(self.numpy_dealias_mask())
+
+    def numpy_dealias_mask(self) -> np.ndarray:
+        """`dealias_mask()` as a NumPy array."""
+        mask = np.array(True)
+        for k, dx in zip(self.numpy_wavenumbers(), self.spacing, strict=True):
+            mask = mask & (np.abs(k) < (2.0 / 3.0) * np.pi / dx)
         return mask
 
     def fft(self, u: Array) -> Array:
