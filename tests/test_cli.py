@@ -1,27 +1,20 @@
-"""The `assim-simulate` hydra app, end to end in a subprocess."""
+"""The CLIs end to end, each run a process of its own (`cli_zygote.run_cli`)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import xarray as xr
 import yaml
+from cli_zygote import run_cli
 
 
 def _run(tmp_path, *overrides):
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "assim._cli.simulate",
-            f"hydra.run.dir={tmp_path}",
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
+    return run_cli(
+        "assim._cli.simulate",
+        f"hydra.run.dir={tmp_path}",
+        *overrides,
         cwd=tmp_path,
         timeout=300,
     )
@@ -70,18 +63,11 @@ def test_simulate_bad_input_fails_cleanly(tmp_path):
 
 
 def _app(module, tmp_path, *overrides, run_dir=None, env=None):
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            f"assim._cli.{module}",
-            f"hydra.run.dir={run_dir or tmp_path}",
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
+    return run_cli(
+        f"assim._cli.{module}",
+        f"hydra.run.dir={run_dir or tmp_path}",
+        *overrides,
         cwd=tmp_path,
-        timeout=600,
         env=env,
     )
 

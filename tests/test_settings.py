@@ -3,12 +3,11 @@ line naming the key; the CLIs refuse unknown methods, a resume without checkpoin
 and failed windows with their exit codes."""
 
 import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_zygote import run_cli
 from hydra import compose, initialize_config_module
 
 from assim._cli.common import (
@@ -121,17 +120,11 @@ def test_failed_windows_are_the_non_finite_and_failed_ones():
 
 
 def _cli(module, tmp_path, *overrides):
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            f"assim._cli.{module}",
-            f"hydra.run.dir={tmp_path}",
-            "progress=false",
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
+    return run_cli(
+        f"assim._cli.{module}",
+        f"hydra.run.dir={tmp_path}",
+        "progress=false",
+        *overrides,
         cwd=tmp_path,
         timeout=300,
     )
