@@ -246,8 +246,10 @@ class Refined(AbstractAnalyser):
     penalty terms). The model is the guess's (`guess.model_problem`: a network's
     learned parameters and correction held), or with `estimate_parameters` the
     guess's with the problem's unknown parameters estimated again, jointly with
-    the state, from the guess's values (a network's learned diffusivity as the
-    start, the problem's prior as their background term).
+    the state, from the guess's values or the prior's, whichever fits the window
+    better (a network's learned diffusivity on the first window, the previous
+    window's estimate once cycling has one; the problem's prior as their
+    background term).
 
     **Arguments:**
 
@@ -259,7 +261,9 @@ class Refined(AbstractAnalyser):
       was trained with, while cycling adapts the problem's for the refinement);
       `None`: the problem's.
     - `estimate_parameters`: re-estimate the problem's parameters in the
-      refinement (when it has any), starting from the guess's.
+      refinement (when it has any), starting from the guess's values or from the
+      problem's prior median (while cycling: the previous window's estimate),
+      whichever has the lower cost with the guess's state.
     """
 
     guess: AbstractAnalyser
@@ -289,8 +293,8 @@ class Refined(AbstractAnalyser):
         first, guess_info = self.guess(guess_problem, window, background)
         model = self.model_problem(problem).with_terms(*self.terms)
         theta = None
-        if model.estimates_parameters:  # from the guess's (its prior mean if none)
-            theta = model.parameter_background if first.theta is None else first.theta
+        if model.estimates_parameters:
+            theta = self._start_parameters(model, first, window, background)
         start = model.control(Analysis(first.initial_state, theta, first.w), background)
         analysis, info = self.refinement(model, window, background, start=start)
         if not model.estimates_parameters:
@@ -299,6 +303,26 @@ class Refined(AbstractAnalyser):
         # the plain problem, as for the network alone): the refinement's record is
         # on the augmented cost and counts its iterations only.
         return analysis, Info(info.steps + guess_info.steps, info.outcome)
+
+    @staticmethod
+    def _start_parameters(model, first, window, background):
+        """Where the parameters' refinement starts: the guess's values or the
+        problem's prior median (while cycling, the previous window's estimate),
+        whichever gives the lower cost with the guess's state. A network's learned
+        values are a better start than an uninformed prior, and worse than what
+        the windows before this one estimated."""
+        prior = model.parameter_background
+        if first.theta is None:
+            return prior
+
+        def cost(theta):
+            analysis = Analysis(first.initial_state, theta, first.w)
+            return model.cost(model.control(analysis, background), window, background)
+
+        guess_fits = cost(first.theta) <= cost(prior)  # a NaN cost: the prior
+        return jax.tree.map(
+            lambda a, b: jnp.where(guess_fits, a, b), first.theta, prior
+        )
 
     def model_problem(self, problem):
         """The guess's model problem; with `estimate_parameters` its parameters

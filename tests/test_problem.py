@@ -191,46 +191,54 @@ def test_prior_parameters_run_a_field_median_as_a_constant():
 
 def test_refinement_re_estimates_a_guess_s_parameters(l96_windows):
     """`Refined(estimate_parameters=True)`: a guess holding a wrong forcing (10 for
-    the truth's 8, as a network whose learned parameter is off) is refined jointly
-    (joint 4D-Var started from the guess's state and forcing), its joint cost
-    ending lower than the held refinement's; held, the guess's forcing is kept."""
+    the truth's 8, as a network whose learned parameter is off) is refined jointly:
+    joint 4D-Var started from the guess's state and from the guess's forcing where
+    that fits the window better than the prior's median (an uninformed prior, 14),
+    from the prior's where it fits better (8: while cycling, the previous window's
+    estimate); its joint cost ends lower than the held refinement's; held, the
+    guess's forcing is kept."""
     from assim import AbstractAnalyser, Info, Refined, Variational, incremental
 
     l96, B, windows = l96_windows
-    forcing = Parameter("forcing", 8.0, DiagonalCovariance(0.2), ())
-    problem = WindowProblem(l96, B, INTERVAL, set_parameters=forcing)
-    wrong = jnp.asarray(np.arctanh(np.log(10 / 8) / 3) * 3 / 0.2)  # forcing 10
-    np.testing.assert_allclose(forcing.value(wrong), 10.0, rtol=1e-12)
-
-    class Held(AbstractAnalyser):  # a guess whose model holds its own forcing
-        def __call__(self, problem, window, background):
-            return Analysis(background, wrong), Info(jnp.asarray(0), jnp.asarray(4))
-
-        def model_problem(self, problem):
-            return problem.with_parameters(wrong)
-
     window = windows[0]
     background = window.truth[0] + 0.3
     refine = Variational(incremental(inner_steps=40), max_steps=4)
-    held = Refined(Held(), refine)
-    joint = Refined(Held(), refine, estimate_parameters=True)
-    assert not held.model_problem(problem).estimates_parameters
-    assert joint.model_problem(problem).estimates_parameters
-    (a_held, _), (a_joint, _) = (
-        eqx.filter_jit(r)(problem, window, background) for r in (held, joint)
-    )
-    assert a_held.theta == wrong
-    # Jointly: 4D-Var of state and forcing started from the guess's.
-    start = problem.control(Analysis(background, wrong), background)
-    direct, _ = eqx.filter_jit(refine)(problem, window, background, start=start)
-    np.testing.assert_allclose(a_joint.theta, direct.theta, rtol=1e-8)
-    np.testing.assert_allclose(a_joint.initial_state, direct.initial_state, atol=1e-8)
-    assert abs(float(forcing.value(a_joint.theta)) - 10.0) > 0.5
+    for median, starts_from_guess in ((14.0, True), (8.0, False)):
+        forcing = Parameter("forcing", median, DiagonalCovariance(0.2), ())
+        problem = WindowProblem(l96, B, INTERVAL, set_parameters=forcing)
+        wrong = jnp.asarray(np.arctanh(np.log(10 / median) / 3) * 3 / 0.2)
+        np.testing.assert_allclose(forcing.value(wrong), 10.0, rtol=1e-12)
 
-    def cost(analysis):
-        return problem.cost(problem.control(analysis, background), window, background)
+        class Held(AbstractAnalyser):  # a guess whose model holds its own forcing
+            def __call__(self, problem, window, background, wrong=wrong):
+                return Analysis(background, wrong), Info(jnp.asarray(0), jnp.asarray(4))
 
-    assert cost(a_joint) < cost(a_held)
+            def model_problem(self, problem, wrong=wrong):
+                return problem.with_parameters(wrong)
+
+        held = Refined(Held(), refine)
+        joint = Refined(Held(), refine, estimate_parameters=True)
+        assert not held.model_problem(problem).estimates_parameters
+        assert joint.model_problem(problem).estimates_parameters
+        (a_held, _), (a_joint, _) = (
+            eqx.filter_jit(r)(problem, window, background) for r in (held, joint)
+        )
+        assert a_held.theta == wrong
+        # Jointly: 4D-Var of state and forcing from the guess's state and the
+        # better-fitting forcing.
+        theta = wrong if starts_from_guess else problem.parameter_background
+        start = problem.control(Analysis(background, theta), background)
+        direct, _ = eqx.filter_jit(refine)(problem, window, background, start=start)
+        np.testing.assert_allclose(a_joint.theta, direct.theta, rtol=1e-8)
+        np.testing.assert_allclose(
+            a_joint.initial_state, direct.initial_state, atol=1e-8
+        )
+
+        def cost(analysis, problem=problem):
+            control = problem.control(analysis, background)
+            return problem.cost(control, window, background)
+
+        assert cost(a_joint) < cost(a_held)
 
 
 def test_unrolled_network_trains_on_a_weak_constraint_problem(l96_windows, getkey):
