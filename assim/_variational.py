@@ -308,9 +308,9 @@ class Refined(AbstractAnalyser):
     def _start_parameters(model, first, window, background):
         """Where the parameters' refinement starts: the guess's values or the
         problem's prior median (while cycling, the previous window's estimate),
-        whichever gives the lower cost with the guess's state. A network's learned
-        values are a better start than an uninformed prior, and worse than what
-        the windows before this one estimated."""
+        whichever gives the lower cost with the guess's state: a network's learned
+        values against an uninformed prior on a first window, against what the
+        earlier windows estimated once cycling has."""
         prior = model.parameter_background
         if first.theta is None:
             return prior
