@@ -495,8 +495,7 @@ class WindowProblem(eqx.Module):
         so that a line search backs off from a trial step the model cannot
         integrate (a chaotic rollout from an over-long step) instead of stopping
         the run."""
-        simulator = dataclasses.replace(self.simulator, check_finite=False)
-        return dataclasses.replace(self, simulator=simulator, blow_up="inf")
+        return self._unchecked("inf")
 
     def without_raising(self) -> "WindowProblem":
         """The problem whose programs raise nothing (`check_finite=False`): a
@@ -505,8 +504,11 @@ class WindowProblem(eqx.Module):
         checks their finiteness on the host (training). A raising check is a host
         callback, and JAX's persistent compilation cache stores no program that
         holds one."""
+        return self._unchecked("nan")
+
+    def _unchecked(self, blow_up: Literal["inf", "nan"]) -> "WindowProblem":
         simulator = dataclasses.replace(self.simulator, check_finite=False)
-        return dataclasses.replace(self, simulator=simulator, blow_up="nan")
+        return dataclasses.replace(self, simulator=simulator, blow_up=blow_up)
 
     def forcings(self, w: Array | None) -> Array | None:
         """The model-error forcings `q_k = Q^{1/2} w_k`, `(n_obs - 1, *grid)`."""
