@@ -6,7 +6,7 @@ import abc
 
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from ._observations import ObservationSet
 from ._problem import Analysis, WindowProblem
@@ -35,12 +35,15 @@ class Info(eqx.Module):
     - `cost`, `grad_norm`: per iteration, the first entry at the starting point,
       NaN past the last iteration (`(max_steps + 1,)`); `None` for analysers that
       do not iterate on the cost.
+    - `from_guess`: a refinement (`Refined`): whether it started from its guess's
+      state (rather than the background's); `None` for other analysers.
     """
 
     steps: Int[Array, ""]
     outcome: Int[Array, ""]
     cost: Float[Array, " iteration"] | None = None
     grad_norm: Float[Array, " iteration"] | None = None
+    from_guess: Bool[Array, ""] | None = None
 
     @property
     def converged(self) -> Array:

@@ -191,6 +191,8 @@ def _result(window: ObservationSet, out: dict, new: int | None = None) -> Window
         diagnostics["observation_error_scale"] = float(
             np.sqrt(state.observation_variance)
         )
+    if info.from_guess is not None:  # a refinement: 1 from its guess, 0 cold
+        diagnostics["refinement_from_guess"] = int(info.from_guess)
     if window.truth is not None:
         diagnostics["rmse_truth_analysis"] = rmse(
             estimate=trajectory, reference=window.truth

@@ -246,10 +246,11 @@ class Refined(AbstractAnalyser):
     penalty terms). The model is the guess's (`guess.model_problem`: a network's
     learned parameters and correction held), or with `estimate_parameters` the
     guess's with the problem's unknown parameters estimated again, jointly with
-    the state, from the guess's values or the prior's, whichever fits the window
-    better (a network's learned diffusivity on the first window, the previous
-    window's estimate once cycling has one; the problem's prior as their
-    background term).
+    the state (the problem's prior as their background term). The refinement
+    starts from whichever of the guess's state and the background (the cold
+    start), with the guess's parameters or the prior's, fits the window best: a
+    network's analysis where it beats the background (a first window's poor
+    one), the background where it does not.
 
     **Arguments:**
 
@@ -263,7 +264,7 @@ class Refined(AbstractAnalyser):
     - `estimate_parameters`: re-estimate the problem's parameters in the
       refinement (when it has any), starting from the guess's values or from the
       problem's prior median (while cycling: the previous window's estimate),
-      whichever has the lower cost with the guess's state.
+      whichever gives the lower cost.
     """
 
     guess: AbstractAnalyser
@@ -292,37 +293,43 @@ class Refined(AbstractAnalyser):
             guess_problem = problem.with_background_covariance(self.guess_covariance)
         first, guess_info = self.guess(guess_problem, window, background)
         model = self.model_problem(problem).with_terms(*self.terms)
-        theta = None
-        if model.estimates_parameters:
-            theta = self._start_parameters(model, first, window, background)
-        start = model.control(Analysis(first.initial_state, theta, first.w), background)
+        start, from_guess = self._start(model, first, window, background)
         analysis, info = self.refinement(model, window, background, start=start)
         if not model.estimates_parameters:
             analysis = Analysis(analysis.initial_state, first.theta, analysis.w)
         # Layers plus iterations; the costs are left to the caller (evaluated on
         # the plain problem, as for the network alone): the refinement's record is
         # on the augmented cost and counts its iterations only.
-        return analysis, Info(info.steps + guess_info.steps, info.outcome)
+        steps = info.steps + guess_info.steps
+        return analysis, Info(steps, info.outcome, from_guess=from_guess)
 
     @staticmethod
-    def _start_parameters(model, first, window, background):
-        """Where the parameters' refinement starts: the guess's values or the
-        problem's prior median (while cycling, the previous window's estimate),
-        whichever gives the lower cost with the guess's state: a network's learned
-        values against an uninformed prior on a first window, against what the
-        earlier windows estimated once cycling has."""
-        prior = model.parameter_background
-        if first.theta is None:
-            return prior
-
-        def cost(theta):
-            analysis = Analysis(first.initial_state, theta, first.w)
-            return model.cost(model.control(analysis, background), window, background)
-
-        guess_fits = cost(first.theta) <= cost(prior)  # a NaN cost: the prior
-        return jax.tree.map(
-            lambda a, b: jnp.where(guess_fits, a, b), first.theta, prior
-        )
+    def _start(model, first, window, background):
+        """Where the refinement starts: of the guess's state and the background
+        (the cold start), each with the guess's parameters or the prior median
+        (while cycling, the previous window's estimate) where the refinement
+        estimates them, the pair with the lowest refinement cost (the terms
+        included; a rollout that blows up costs `inf`). A guess that fits the
+        window worse than the background no longer starts the refinement further
+        from the minimum than cold 4D-Var does; one that fits better (a network's
+        on a first window's poor background) is kept. The guess is the first of
+        equals. Returns the start and whether its state is the guess's."""
+        cold = model.initial_control(window, background)
+        w = cold.w if first.w is None else first.w
+        guess = model.control(Analysis(first.initial_state, None, w), background)
+        thetas = [cold.theta]
+        if model.estimates_parameters and first.theta is not None:
+            thetas = [first.theta, cold.theta]
+        candidates = [
+            Control(v, theta, w)
+            for v, w in ((guess.v, guess.w), (cold.v, cold.w))
+            for theta in thetas
+        ]
+        cost = model.tolerating_blow_up().cost  # a guess that blew up: inf
+        costs = jnp.stack([cost(c, window, background) for c in candidates])
+        best = jnp.argmin(jnp.where(jnp.isnan(costs), jnp.inf, costs))
+        start = jax.tree.map(lambda *xs: jnp.stack(xs)[best], *candidates)
+        return start, best < len(thetas)
 
     def model_problem(self, problem):
         """The guess's model problem; with `estimate_parameters` its parameters

@@ -431,6 +431,12 @@ def test_train_resume_then_run_unrolled(tmp_path):
     hybrid = _run_checkpoint(tmp_path, "hybrid", method="hybrid")
     assert hybrid["rmse_truth"] < metrics["rmse_truth"], (hybrid, metrics)
     assert hybrid["method"]["refine_steps"] == 2
+    # Where each window's refinement started (the network's analysis or, where it
+    # fit worse, the background), per window in the file and counted in metrics.
+    ds = xr.open_dataset(tmp_path / "hybrid" / "analysis.nc")
+    from_guess = ds["refinement_from_guess"].values
+    assert set(from_guess.tolist()) <= {0, 1} and len(from_guess) == hybrid["windows"]
+    assert hybrid["windows_refined_from_guess"] == int(from_guess.sum())
     missing = _app("run", tmp_path, "method=unrolled", "method.checkpoint=nope.eqx")
     assert missing.returncode != 0 and "nope.eqx" in missing.stderr
 

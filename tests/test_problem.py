@@ -241,6 +241,50 @@ def test_refinement_re_estimates_a_guess_s_parameters(l96_windows):
         assert cost(a_joint) < cost(a_held)
 
 
+def test_refinement_starts_from_the_better_of_guess_and_background(l96_windows):
+    """`Refined` starts where the refinement's cost is lowest of the guess and the
+    background: a guess that fits the window worse than the background (3 off
+    everywhere) or that blew up (NaN) gives cold 4D-Var's analysis; one that fits
+    better (converged 4D-Var's, slightly perturbed) gives 4D-Var's from the guess;
+    the two differ (one Gauss-Newton iteration does not converge)."""
+    from assim import AbstractAnalyser, Info, Refined, Variational, incremental
+
+    l96, B, windows = l96_windows
+    window = windows[1]
+    noise = jax.random.normal(jax.random.key(3), window.truth[0].shape)
+    background = window.truth[0] + 0.8 * noise
+    problem = WindowProblem(l96, B, INTERVAL).without_raising()  # as cycling's
+    refine = Variational(incremental(inner_steps=5), max_steps=1)
+
+    class Fixed(AbstractAnalyser):
+        state: jax.Array
+
+        def __call__(self, problem, window, background):
+            return Analysis(self.state), Info(jnp.asarray(0), jnp.asarray(4))
+
+    def refined(state):
+        analysis, _ = eqx.filter_jit(Refined(Fixed(state), refine))(
+            problem, window, background
+        )
+        return analysis.initial_state
+
+    cold, _ = eqx.filter_jit(refine)(problem, window, background)
+    converged = Variational(incremental(inner_steps=20), max_steps=5)
+    near = eqx.filter_jit(converged)(problem, window, background)[0].initial_state
+    near = near + 0.05 * noise
+    start = problem.control(Analysis(near), background)
+    warm, _ = eqx.filter_jit(refine)(problem, window, background, start=start)
+    assert np.max(np.abs(cold.initial_state - warm.initial_state)) > 1e-2
+    for state, expected in (
+        (background + 3.0, cold),
+        (jnp.full_like(background, jnp.nan), cold),
+        (near, warm),
+    ):
+        np.testing.assert_allclose(
+            refined(state), expected.initial_state, rtol=0, atol=1e-10
+        )
+
+
 def test_unrolled_network_trains_on_a_weak_constraint_problem(l96_windows, getkey):
     """With model error in the problem, the network's layers also estimate the
     forcings `w`; training through them lowers the supervised loss, along a

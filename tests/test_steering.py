@@ -173,20 +173,23 @@ def test_refined_guess_keeps_its_own_covariance():
     was trained with) while the refinement runs on the problem's (adapted) B."""
     from assim import AbstractAnalyser, Analysis, Info, ScaledCovariance
 
-    class Spy(AbstractAnalyser):  # its analysis shows the B it was given
-        def __call__(self, problem, window, background):
-            shift = problem.background_covariance.sqrt(jnp.ones_like(background))
-            return Analysis(background + shift), Info(jnp.asarray(0), jnp.asarray(4))
-
     window, truth = _window(0)
     B0 = DiffusionCovariance(GRID, 0.5, 0.1)
+
+    class Spy(AbstractAnalyser):  # its analysis shows the B it was given: the
+        # truth with B0, another state with another B (both fit the window better
+        # than the background, so that the refinement starts from them)
+        def __call__(self, problem, window, background):
+            shift = problem.background_covariance.sqrt(B0.whiten(truth - background))
+            return Analysis(background + shift), Info(jnp.asarray(0), jnp.asarray(4))
+
     problem = WindowProblem(SIMULATOR, ScaledCovariance(B0, jnp.asarray(0.3)), 2)
     background = jnp.zeros_like(truth)
     step = Variational(incremental(inner_steps=1), max_steps=1)  # start-dependent
     run = eqx.filter_jit(lambda a, p, w, b, **kw: a(p, w, b, **kw)[0])
     kept = Refined(Spy(), step, guess_covariance=B0)
     refined = run(kept, problem, window, background)
-    start = problem.control(Analysis(background + B0.sqrt(jnp.ones(32))), background)
+    start = problem.control(Analysis(truth), background)
     direct = run(step, problem, window, background, start=start)
     np.testing.assert_allclose(refined.initial_state, direct.initial_state, atol=1e-6)
     plain = run(Refined(Spy(), step), problem, window, background)  # the problem's B

@@ -410,6 +410,12 @@ def _finish(
             "steering": [violations[i] for i in sorted(violations)],
             "compilation": COMPILE_STATS.summary(),
         }
+        if "refinement_from_guess" in summaries[0].diagnostics:  # method=hybrid
+            # How many windows the refinement started from the guess's (the
+            # network's) analysis; the others started cold, from the background.
+            metrics["windows_refined_from_guess"] = int(
+                sum(r.diagnostics["refinement_from_guess"] for r in summaries)
+            )
         failed = _failed_windows(summaries)
         metrics["windows_failed"] = len(failed)
         warnings = []
