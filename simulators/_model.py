@@ -1,6 +1,7 @@
 """The model interface that every time-stepping scheme is written against."""
 
 import abc
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -38,6 +39,12 @@ class AbstractModel(eqx.Module):
 
     grid: eqx.AbstractVar[Grid]
 
+    # `L` symmetric negative semidefinite (a diffusion) and `preconditioner`
+    # symmetric positive definite: `I - eta L` is then SPD for `eta > 0`, and the
+    # default `linear_inverse` runs preconditioned conjugate gradients, which test
+    # convergence at every iteration, instead of GMRES (a full restart cycle).
+    symmetric_linear: ClassVar[bool] = False
+
     @abc.abstractmethod
     def linear(self, u: Array) -> Array:
         """The stiff linear part `L u`."""
@@ -53,9 +60,11 @@ class AbstractModel(eqx.Module):
     def linear_inverse(self, rhs: Array, eta: float | Array) -> Array:
         """`(I - eta L)^{-1} rhs`.
 
-        The default is a matrix-free GMRES solve (lineax), differentiated implicitly
-        (a solve per tangent, a transpose solve per cotangent). Models with a
-        diagonalisable `L` override it with an exact structured solve. A non-finite
+        The default is a matrix-free Krylov solve (lineax) preconditioned by
+        `preconditioner`, differentiated implicitly (a solve per tangent, a
+        transpose solve per cotangent): conjugate gradients where the model declares
+        `symmetric_linear`, GMRES otherwise. Models with a diagonalisable `L`
+        override it with an exact structured solve. A non-finite
         `rhs` (a state that already blew up, e.g. a
         line-search trial), or a non-finite tangent or cotangent in a derivative
         solve, gives a NaN solution, not an error, so that an optimiser can back off
@@ -66,15 +75,20 @@ class AbstractModel(eqx.Module):
         tol = _tolerance(rhs.dtype) * 0.1  # 1e-6 in float32: reachable
         # Tolerances relative to the size of rhs: a fixed atol is below round-off
         # for a large rhs (e.g. an L-BFGS trial step), where GMRES stagnates.
-        gmres = lx.GMRES(rtol=tol, atol=tol, restart=20, max_steps=2000)
+        if self.symmetric_linear:
+            tags = frozenset({lx.symmetric_tag, lx.positive_semidefinite_tag})
+            krylov = lx.CG(rtol=tol, atol=tol, max_steps=2000)
+        else:
+            tags = frozenset()
+            krylov = lx.GMRES(rtol=tol, atol=tol, restart=20, max_steps=2000)
         structure = jax.eval_shape(lambda: rhs)
         operator = lx.FunctionLinearOperator(
-            lambda v: v - eta * self.linear(v), structure
+            lambda v: v - eta * self.linear(v), structure, tags
         )
         preconditioner = lx.FunctionLinearOperator(
-            lambda v: frozen.preconditioner(v, frozen_eta), structure
+            lambda v: frozen.preconditioner(v, frozen_eta), structure, tags
         )
-        return nan_tolerant_solve(operator, rhs, ScaleInvariant(gmres), preconditioner)
+        return nan_tolerant_solve(operator, rhs, ScaleInvariant(krylov), preconditioner)
 
     def preconditioner(self, rhs: Array, eta: float | Array) -> Array:
         """A cheap structured approximation of `(I - eta J_f)^{-1} rhs`.

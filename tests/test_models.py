@@ -231,14 +231,22 @@ def test_structured_inverse_is_exact(n, boundary, eta, kappa):
 @pytest.mark.parametrize("boundary", ["periodic", "dirichlet"])
 @pytest.mark.parametrize("ndim", [1, 2])
 def test_kappa_field_inverse(boundary, ndim):
-    """(I - eta L)^{-1} for a kappa field (tridiagonal in 1D Dirichlet, GMRES
-    otherwise) solves the stage equation."""
+    """(I - eta L)^{-1} for a kappa field (tridiagonal in 1D Dirichlet, conjugate
+    gradients otherwise) solves the stage equation; conjugate gradients are right
+    because the diffusion is symmetric negative semidefinite (`symmetric_linear`):
+    `<a, L b> = <L a, b>` and `<a, L a> <= 0` on random fields."""
     grid = sim.Grid((11,) * ndim, (1.0,) * ndim, boundary)
     kappa = 0.2 * (1.5 + jnp.sin(2 * np.pi * grid.mesh()[-1]))
     model = sim.AdvectionDiffusion(grid, kappa, [0.0] * ndim)
     rhs = smooth_state(grid)
     x = model.linear_inverse(rhs, 3.0)
     assert float(jnp.max(jnp.abs(x - 3.0 * model.linear(x) - rhs))) < 1e-10
+    assert model.symmetric_linear
+    a, b = jax.random.normal(jax.random.key(ndim), (2, *grid.shape))
+    la, lb = model.linear(a), model.linear(b)
+    scale = float(jnp.sqrt(jnp.vdot(la, la) * jnp.vdot(b, b)))
+    assert abs(float(jnp.vdot(a, lb) - jnp.vdot(la, b))) < 1e-13 * scale
+    assert float(jnp.vdot(a, la)) < 0
 
 
 def test_kappa_field_inverse_of_a_blown_up_state_is_nan():

@@ -23,8 +23,9 @@ class AdvectionDiffusion(AbstractModel):
     `L` (implicit in IMEX schemes) is the diffusion; `N` the advection and the source.
     With a constant `kappa`, `(I - eta L)^{-1}` is an exact FFT (periodic) or DST
     (Dirichlet) solve; with a field `kappa` it is a tridiagonal solve in 1D Dirichlet
-    and otherwise a GMRES solve preconditioned by the structured solve at the mean
-    diffusivity, which also preconditions Newton-Krylov.
+    and otherwise conjugate gradients (the finite-volume diffusion is symmetric
+    negative semidefinite, `I - eta L` SPD) preconditioned by the structured solve at
+    the mean diffusivity, which also preconditions Newton-Krylov.
 
     **Arguments:**
 
@@ -35,6 +36,8 @@ class AdvectionDiffusion(AbstractModel):
       (`(v_x,)` in 1D, `(v_y, v_x)` in 2D).
     - `source`: optional source term (scalar or field).
     """
+
+    symmetric_linear = True  # the diffusion (tested); conjugate gradients
 
     grid: Grid
     kappa: Float[Array, "..."] = eqx.field(converter=jnp.asarray)
