@@ -19,11 +19,11 @@ Run: `python benchmarks/bench_stage_solves.py [--sizes 32 64 128] [--repeats 5]`
 
 import argparse
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_simulators import _timeit
 
 import simulators as sim
 
@@ -42,16 +42,6 @@ def _fields(n, dtype):
     source = 3 * np.cos(2 * np.pi * (x + y)) + 2 * np.cos(2 * np.pi * (3 * y + 2 * x))
     u0 = np.sin(2 * np.pi * x) * np.cos(4 * np.pi * y)
     return (jnp.asarray(a, dtype) for a in (u0, kappa, source))
-
-
-def _timeit(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def measure(model_type, scheme, n, dtype, repeats):
