@@ -70,9 +70,8 @@ def _reference(n, dtype, repeats):
     try:
         return measure(sim.AdvectionDiffusion, sim.backward_euler(), n, dtype, repeats)
     except Exception as error:  # an error raised inside the compiled rollout
-        last = [line for line in str(error).splitlines() if line.strip()]
-        reason = next((line for line in last if "nonlinear solver" in line), last[-1])
-        return {"failed": reason.strip()}
+        lines = [line for line in str(error).splitlines() if "RuntimeError:" in line]
+        return {"failed": (lines or [str(error)])[0].split("Error: ", 1)[-1]}
 
 
 def _relative(a, b):
@@ -110,7 +109,7 @@ def print_table(rows):
     print("|---|---|---|---|---|---|")
     for i, r in enumerate(rows):
         if "failed" in r:
-            reason = r["failed"].split(": ", 1)[-1][:60]
+            reason = f"failed: {r['failed'][:70]}"
             print(f"| {r['n']}^2 | {r['precision']} | {r['solver']} | {reason} | | |")
             continue
         base = rows[i - (i % 3) + 1]  # the GMRES row of the same size and precision

@@ -317,3 +317,30 @@ def test_float32_default_tolerances_are_reachable(scheme, boundary):
         grad = jax.jit(jax.grad(lambda u: jnp.sum(simulator.rollout(u, 3) ** 2)))(u0)
         assert grad.dtype == jnp.float32
         assert bool(jnp.all(jnp.isfinite(grad)))
+
+
+@pytest.mark.parametrize("units,stiffness", [(300.0, 0.4), (1.0, 6.6)])
+def test_float32_newton_converges_in_large_units_and_stiff_stages(units, stiffness):
+    """Backward Euler in float32 on a kappa field with a state in large units (300:
+    kelvin) or a stiff stage (`eta kappa / dx^2` = 6.6, as 128^2 at the bundled
+    model's dt): Newton's residual test is scaled by the round-off of `v - eta
+    f(v)` (the state's size, the stiff term's), so it converges in a few iterations
+    a step to float64's solution, where an absolute 1e-5 on the residual sat below
+    round-off and Newton stagnated (both cases fail without the scale)."""
+    grid = sim.Grid((24, 24), (1.0, 1.0))
+    y, x = grid.mesh()
+    kappa = 0.02 * jnp.exp(0.4 * jnp.sin(2 * np.pi * x) * jnp.cos(2 * np.pi * y))
+    dt = stiffness * grid.spacing[0] ** 2 / 0.02
+    u0 = units + jnp.sin(2 * np.pi * x) * jnp.cos(4 * np.pi * y)
+
+    def run(dtype):
+        model = sim.AdvectionDiffusion(grid, kappa.astype(dtype), [0.1, 0.2], 3.0)
+        simulator = sim.Simulator(model, sim.backward_euler(), dt, check_finite=False)
+        return simulator.rollout(u0.astype(dtype), 12, with_info=True)
+
+    with jax.enable_x64(False):
+        states, info = jax.jit(lambda: run(jnp.float32))()
+    assert int(jnp.max(info["newton_steps"])) <= 4, info["newton_steps"]
+    reference, _ = run(jnp.float64)
+    error = jnp.max(jnp.abs(states - reference)) / jnp.max(jnp.abs(reference))
+    assert float(error) < 1e-5
