@@ -126,7 +126,7 @@ class NewtonKrylov(eqx.Module):
             "forward",
         )
         solver = optx.Newton(rtol=rtol, atol=atol, linear_solver=inner)
-        args = (model, correction, rhs, eta, _residual_scale(model, rhs, eta))
+        args = (model, correction, rhs, eta, _residual_scale(model, rhs, eta, atol))
         if self.adjoint == "implicit":
             derivative = _krylov(self.krylov, adj_tol, adj_tol, steps, restart)
             solvers = {
@@ -292,18 +292,21 @@ def _is_zero(tangent) -> bool:
     return isinstance(tangent, jax.custom_derivatives.SymbolicZero)
 
 
-def _residual_scale(model, rhs, eta):
-    """The size of the stage residual's round-off, by which it is divided: Newton's
-    test of the residual (optimistix's Cauchy termination) is absolute, `|F| <
-    atol`, and the round-off of `v - eta f(v)` is about `eps (1 + eta |J_f|) |v|`
-    (a stiff stencil's terms cancel: `eta kappa / dx^2` = 6.6 puts it above
-    float32's 1e-5 at 128^2, and Newton stagnates). `|J_f|` is probed once per solve
-    by one Jacobian-vector product with a fixed random vector; `|v|` is the right-
-    hand side's largest entry, at least 1 (a state in large units). Constant: no
-    derivative."""
+def _residual_scale(model, rhs, eta, atol):
+    """What the stage residual is divided by, so that Newton's absolute residual
+    test (optimistix's Cauchy termination: `|F| < atol`, its rtol ignored in
+    residual space) asks for no less than ten times the residual's round-off: 1
+    where that is below `atol` (float64, mild stages: the test as it was), more
+    where float32 cannot reach it. The round-off of `v - eta f(v)` is about `eps (1
+    + eta |J_f|) |v|` (a stiff stencil's terms cancel: `eta kappa / dx^2` = 6.6, the
+    bundled model at 128^2, or a state in kelvin, put it above float32's 1e-5 and
+    Newton stagnated); `|J_f|` is probed once per solve by one Jacobian-vector
+    product with a fixed random vector, `|v|` is the right-hand side's largest
+    entry. Constant: no derivative."""
     probe = jax.random.uniform(jax.random.key(0), rhs.shape, rhs.dtype, -1.0, 1.0)
     _, stiff = jax.jvp(model.tendency, (rhs,), (probe,))
-    scale = (1 + jnp.max(jnp.abs(eta * stiff))) * jnp.maximum(1, jnp.max(jnp.abs(rhs)))
+    size = (1 + jnp.max(jnp.abs(eta * stiff))) * jnp.maximum(1, jnp.max(jnp.abs(rhs)))
+    scale = jnp.maximum(1, 10 * jnp.finfo(rhs.dtype).eps * size / atol)
     return jax.lax.stop_gradient(jnp.where(jnp.isfinite(scale), scale, 1))
 
 

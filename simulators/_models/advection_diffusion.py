@@ -37,7 +37,9 @@ class AdvectionDiffusion(AbstractModel):
     - `source`: optional source term (scalar or field).
     """
 
-    symmetric_linear = True  # the diffusion (tested); conjugate gradients
+    # The diffusion (tested): conjugate gradients. A subclass whose `linear` is not
+    # symmetric negative semidefinite sets it to False.
+    symmetric_linear = True
 
     grid: Grid
     kappa: Float[Array, "..."] = eqx.field(converter=jnp.asarray)
