@@ -296,18 +296,29 @@ def _residual_scale(model, rhs, eta, atol):
     """What the stage residual is divided by, so that Newton's absolute residual
     test (optimistix's Cauchy termination: `|F| < atol`, its rtol ignored in
     residual space) asks for no less than ten times the residual's round-off: 1
-    where that is below `atol` (float64, mild stages: the test as it was), more
-    where float32 cannot reach it. The round-off of `v - eta f(v)` is about `eps (1
-    + eta |J_f|) |v|` (a stiff stencil's terms cancel: `eta kappa / dx^2` = 6.6, the
-    bundled model at 128^2, or a state in kelvin, put it above float32's 1e-5 and
-    Newton stagnated); `|J_f|` is probed once per solve by one Jacobian-vector
-    product with a fixed random vector, `|v|` is the right-hand side's largest
-    entry. Constant: no derivative."""
-    probe = jax.random.uniform(jax.random.key(0), rhs.shape, rhs.dtype, -1.0, 1.0)
+    where that is below `atol` (mild stages: the test as it was; float64, where it
+    is not computed), more where float32 cannot reach it. The round-off of
+    `v - eta f(v)` is about `eps (1 + eta |J_f|) |v|` (a stiff stencil's terms
+    cancel: `eta kappa / dx^2` = 6.6, the bundled model at 128^2, or a state in
+    kelvin, put it above float32's 1e-5 and Newton stagnated); `|J_f|` is probed
+    once per solve by one Jacobian-vector product with a fixed pseudo-random
+    vector, `|v|` is the right-hand side's largest entry. Constant: no
+    derivative."""
+    if jnp.finfo(rhs.dtype).bits > 32:
+        # float64: atol (1e-10) is 4.5e5 eps, above the round-off unless the state's
+        # size times the stiffness passes 4.5e4; the probe (a third more
+        # compilation per stage program) is skipped.
+        return jnp.ones((), rhs.dtype)
+    model, rhs, eta = jax.lax.stop_gradient((model, rhs, eta))  # no tangents traced
+    # A fixed broadband pattern in [-1, 1) from the grid index (a hash, not a PRNG:
+    # threefry in every stage solve costs a third more compilation).
+    index = jnp.arange(rhs.size, dtype=rhs.dtype).reshape(rhs.shape)
+    hashed = jnp.sin(index * 12.9898) * 43758.5453
+    probe = 2 * (hashed - jnp.floor(hashed)) - 1
     _, stiff = jax.jvp(model.tendency, (rhs,), (probe,))
     size = (1 + jnp.max(jnp.abs(eta * stiff))) * jnp.maximum(1, jnp.max(jnp.abs(rhs)))
     scale = jnp.maximum(1, 10 * jnp.finfo(rhs.dtype).eps * size / atol)
-    return jax.lax.stop_gradient(jnp.where(jnp.isfinite(scale), scale, 1))
+    return jnp.where(jnp.isfinite(scale), scale, 1)
 
 
 def _stage_residual(z, args):
