@@ -321,8 +321,8 @@ class Refined(AbstractAnalyser):
         if model.estimates_parameters and first.theta is not None:
             thetas = [first.theta, cold.theta]
         candidates = [
-            Control(v, theta, w)
-            for v, w in ((guess.v, guess.w), (cold.v, cold.w))
+            Control(v, theta, forcing)
+            for v, forcing in ((guess.v, guess.w), (cold.v, cold.w))
             for theta in thetas
         ]
         cost = model.tolerating_blow_up().cost  # a guess that blew up: inf
