@@ -11,7 +11,7 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, Int
 
-from ._linear import Counted, KrylovCounter, ScaleInvariant
+from ._linear import Counted, Inexact, KrylovCounter, ScaleInvariant
 from ._model import AbstractModel, _tolerance, is_concrete
 
 
@@ -119,14 +119,21 @@ class NewtonKrylov(eqx.Module):
         # Krylov iterations for digits the forward solution does not hold.
         adj_tol = min(rtol, atol) if self.adjoint_tol is None else self.adjoint_tol
         steps, restart = self.krylov_max_steps, self.restart
-        # The inner absolute tolerance stays below the Newton one, so that a small
-        # residual still gets a Newton step.
-        inner = self._counted(
-            _krylov(self.krylov, self.krylov_tol, 0.1 * atol, steps, restart),
-            "forward",
-        )
-        solver = optx.Newton(rtol=rtol, atol=atol, linear_solver=inner)
-        args = (model, correction, rhs, eta, _residual_scale(model, rhs, eta, atol))
+
+        def newton(round_off):
+            # The inner absolute tolerance stays below the Newton one, so that a
+            # small residual still gets a Newton step.
+            newton_atol = round_off.step_atol
+            inner = _krylov(
+                self.krylov, self.krylov_tol, 0.1 * newton_atol, steps, restart
+            )
+            return optx.Newton(
+                round_off.floor_relative(rtol),
+                newton_atol,
+                linear_solver=Inexact(self._counted(inner, "forward")),
+            )
+
+        args = (model, correction, rhs, eta, _round_off(model, rhs, eta, atol))
         if self.adjoint == "implicit":
             derivative = _krylov(self.krylov, adj_tol, adj_tol, steps, restart)
             solvers = {
@@ -134,12 +141,12 @@ class NewtonKrylov(eqx.Module):
                 for kind in ("tangent", "transpose")
             }
             z, n_steps = _implicit_root(
-                solver, solvers, self.max_steps, args, self.throw
+                newton, solvers, self.max_steps, args, self.throw
             )
         else:
             sol = optx.root_find(
                 _stage_residual,
-                solver,
+                newton(args[-1]),
                 rhs,
                 args=args,
                 max_steps=self.max_steps,
@@ -160,7 +167,7 @@ def _nan_if_failed(sol: optx.Solution) -> Array:
     return jnp.where(failed, jnp.nan, sol.value)
 
 
-def _implicit_root(solver, linear_solvers, max_steps: int, args, throw: bool = True):
+def _implicit_root(newton, linear_solvers, max_steps: int, args, throw: bool = True):
     """`(z, Newton steps)` with `_stage_residual(z, args) = 0`, differentiated by the
     implicit function theorem, to any order and in both modes.
 
@@ -178,20 +185,31 @@ def _implicit_root(solver, linear_solvers, max_steps: int, args, throw: bool = T
     The Newton solve is rematerialised (`jax.checkpoint`): without it JAX (0.10)
     hands the `custom_vjp`'s backward pass misaligned residuals inside a scan.
 
-    `linear_solvers`: `{"tangent": ..., "transpose": ...}`, the lineax solvers of the
-    derivative solves. `throw=False`: a failed solve gives NaN, and the derivative
-    solves do not raise.
+    `newton(round_off)`: the optimistix root finder, built from the stage's
+    round-off (the last of `args`, a traced value: it travels with the arguments
+    rather than being closed over by the custom rules). `linear_solvers`:
+    `{"tangent": ..., "transpose": ...}`, the lineax solvers of the derivative
+    solves. `throw=False`: a failed solve gives NaN, and the derivative solves do
+    not raise.
     """
     dynamic, static = eqx.partition(args, eqx.is_array)
 
     def residual(z, dyn):
         return _stage_residual(z, eqx.combine(dyn, static))
 
+    def round_off(dyn):
+        return eqx.combine(dyn, static)[-1]
+
     @jax.checkpoint
-    def newton(dyn):
+    def solve_stage(dyn):
         rhs = eqx.combine(dyn, static)[2]
         sol = optx.root_find(
-            residual, solver, rhs, dyn, max_steps=max_steps, throw=throw
+            residual,
+            newton(round_off(dyn)),
+            rhs,
+            dyn,
+            max_steps=max_steps,
+            throw=throw,
         )
         return _nan_if_failed(sol), sol.stats["num_steps"]
 
@@ -200,7 +218,7 @@ def _implicit_root(solver, linear_solvers, max_steps: int, args, throw: bool = T
 
     @jax.custom_vjp
     def root_vjp(dyn):
-        return newton(dyn)
+        return solve_stage(dyn)
 
     def root_fwd(dyn):
         z, n_steps = root_vjp(dyn)
@@ -292,23 +310,56 @@ def _is_zero(tangent) -> bool:
     return isinstance(tangent, jax.custom_derivatives.SymbolicZero)
 
 
-def _residual_scale(model, rhs, eta, atol):
-    """What the stage residual is divided by, so that Newton's absolute residual
-    test (optimistix's Cauchy termination: `|F| < atol`, its rtol ignored in
-    residual space) asks for no less than ten times the residual's round-off: 1
-    where that is below `atol` (mild stages: the test as it was; float64, where it
-    is not computed), more where float32 cannot reach it. The round-off of
-    `v - eta f(v)` is about `eps (1 + eta |J_f|) |v|` (a stiff stencil's terms
-    cancel: `eta kappa / dx^2` = 6.6, the bundled model at 128^2, or a state in
-    kelvin, put it above float32's 1e-5 and Newton stagnated); `|J_f|` is probed
-    once per solve by one Jacobian-vector product with a fixed pseudo-random
-    vector, `|v|` is the right-hand side's largest entry. Constant: no
-    derivative."""
-    if jnp.finfo(rhs.dtype).bits > 32:
-        # float64: atol (1e-10) is 4.5e5 eps, above the round-off unless the state's
-        # size times the stiffness passes 4.5e4; the probe (a third more
-        # compilation per stage program) is skipped.
-        return jnp.ones((), rhs.dtype)
+class _RoundOff(eqx.Module):
+    """The size of a stage's round-off, below which Newton's tests are not asked
+    to go.
+
+    optimistix's Newton tests the step against `atol + rtol |z|` component-wise and
+    the residual against `atol` alone (Cauchy termination: its rtol is ignored in
+    residual space). Both can sit below what the arithmetic reaches, and Newton
+    then stagnates to its iteration cap: the round-off of `v - eta f(v)` is about
+    `eps (1 + eta |J_f|) |v|` (a stiff stencil's terms cancel), above float32's
+    1e-5 at `eta kappa / dx^2` = 6.6 (the bundled model at 128^2), for a state in
+    kelvin, or for a state grown far beyond the right-hand side (a large forcing
+    times a long step), and above float64's 1e-10 once the state's size times the
+    stiffness passes ~4.5e4 (kelvin at 512^2); and the steps' round-off, about
+    `eps (1 + eta |J_f|) max|z|` on every component, exceeds `atol` where `z`
+    crosses zero.
+
+    `relative` is ten times `eps (1 + eta |J_f|)`, `|J_f|` probed once per solve
+    by one Jacobian-vector product with a fixed pseudo-random vector. Newton's
+    `rtol` is floored at `relative`, its `atol` at `relative` times the state's
+    size (the right-hand side's largest entry, at least 1), and its residual test
+    at `relative` times the larger of that size and the iterate's: the residual
+    is divided by a constant (per iterate) that moves this floor onto Newton's
+    `atol`, which leaves its steps and root unchanged, and so the gradient. Where
+    the round-off is below the tolerances nothing changes. No derivative flows
+    through it. (The derivative solves test a residual relative to their
+    right-hand side, `ScaleInvariant`, and reached it in every case tried.)
+    """
+
+    relative: Array
+    atol: float | Array
+    size: Array
+
+    @property
+    def step_atol(self):
+        """Newton's `atol`, that of its step test (and of its residual test once
+        the residual is divided by `residual_scale`)."""
+        return jnp.maximum(self.atol, self.relative * self.size)
+
+    def floor_relative(self, tol):
+        return jnp.maximum(tol, self.relative)
+
+    def residual_scale(self, v: Array) -> Array:
+        """`|F| / scale < step_atol` is `|F| < max(atol, relative max(size, |v|))`."""
+        size = jnp.maximum(self.size, jnp.max(jnp.abs(v)))
+        scale = jnp.maximum(self.atol, self.relative * size) / self.step_atol
+        # (a failed, non-finite iterate: 1, so that a zero cotangent stays zero)
+        return jax.lax.stop_gradient(jnp.where(jnp.isfinite(scale), scale, 1))
+
+
+def _round_off(model, rhs, eta, atol) -> _RoundOff:
     model, rhs, eta = jax.lax.stop_gradient((model, rhs, eta))  # no tangents traced
     # A fixed broadband pattern in [-1, 1) from the grid index (a hash, not a PRNG:
     # threefry in every stage solve costs a third more compilation).
@@ -316,15 +367,17 @@ def _residual_scale(model, rhs, eta, atol):
     hashed = jnp.sin(index * 12.9898) * 43758.5453
     probe = 2 * (hashed - jnp.floor(hashed)) - 1
     _, stiff = jax.jvp(model.tendency, (rhs,), (probe,))
-    size = (1 + jnp.max(jnp.abs(eta * stiff))) * jnp.maximum(1, jnp.max(jnp.abs(rhs)))
-    scale = jnp.maximum(1, 10 * jnp.finfo(rhs.dtype).eps * size / atol)
-    return jnp.where(jnp.isfinite(scale), scale, 1)
+    relative = 10 * jnp.finfo(rhs.dtype).eps * (1 + jnp.max(jnp.abs(eta * stiff)))
+    # (a non-finite probe, e.g. a blown-up state: no floor; the solve fails anyway)
+    relative = jnp.where(jnp.isfinite(relative), relative, 0)
+    size = jnp.maximum(1, jnp.max(jnp.abs(rhs)))
+    return _RoundOff(relative, atol, jnp.where(jnp.isfinite(size), size, 1))
 
 
 def _stage_residual(z, args):
-    model, correction, rhs, eta, scale = args
+    model, correction, rhs, eta, round_off = args
     v = model.preconditioner(z, eta)
     f = model.tendency(v)
     if correction is not None:
         f = f + correction(v)
-    return (v - eta * f - rhs) / scale
+    return (v - eta * f - rhs) / round_off.residual_scale(v)
