@@ -43,7 +43,9 @@ class NewtonKrylov(eqx.Module):
     **Arguments:**
 
     - `rtol`, `atol`: Newton tolerances (Cauchy termination); `None` picks 1e-10 for
-      float64 and 1e-5 for float32.
+      float64 and 1e-5 for float32. Both are floored at the stage's round-off
+      (`_RoundOff`: a stiff stage, a state in large units), where they would
+      otherwise ask for more than the arithmetic holds.
     - `max_steps`: maximum Newton iterations.
     - `krylov`: `"gmres"` or `"bicgstab"`.
     - `krylov_tol`: relative tolerance of the inner Krylov solves (inexact Newton,
