@@ -199,19 +199,11 @@ def _implicit_root(newton, linear_solvers, max_steps: int, args, throw: bool = T
     def residual(z, dyn):
         return _stage_residual(z, eqx.combine(dyn, static))
 
-    def round_off(dyn):
-        return eqx.combine(dyn, static)[-1]
-
     @jax.checkpoint
     def solve_stage(dyn):
-        rhs = eqx.combine(dyn, static)[2]
+        _, _, rhs, _, round_off = eqx.combine(dyn, static)
         sol = optx.root_find(
-            residual,
-            newton(round_off(dyn)),
-            rhs,
-            dyn,
-            max_steps=max_steps,
-            throw=throw,
+            residual, newton(round_off), rhs, dyn, max_steps=max_steps, throw=throw
         )
         return _nan_if_failed(sol), sol.stats["num_steps"]
 
