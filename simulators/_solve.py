@@ -135,7 +135,8 @@ class NewtonKrylov(eqx.Module):
                 linear_solver=Inexact(self._counted(inner, "forward")),
             )
 
-        args = (model, correction, rhs, eta, _round_off(model, rhs, eta, atol))
+        round_off = _round_off(model, correction, rhs, eta, atol)
+        args = (model, correction, rhs, eta, round_off)
         if self.adjoint == "implicit":
             derivative = _krylov(self.krylov, adj_tol, adj_tol, steps, restart)
             solvers = {
@@ -320,8 +321,10 @@ class _RoundOff(eqx.Module):
     `eps (1 + eta |J_f|) max|z|` on every component, exceeds `atol` where `z`
     crosses zero.
 
-    `relative` is ten times `eps (1 + eta |J_f|)`, `|J_f|` probed once per solve
-    by one Jacobian-vector product with a fixed pseudo-random vector. Newton's
+    `relative` is ten times `eps (1 + eta |J_f|)`, `|J_f|` (of the tendency plus
+    the learned correction, whose stiffness the model's preconditioner does not
+    know of either) probed once per solve by one Jacobian-vector product with a
+    fixed pseudo-random vector. Newton's
     `rtol` is floored at `relative`, its `atol` at `relative` times the state's
     size (the right-hand side's largest entry, at least 1), and its residual test
     at `relative` times the larger of that size and the iterate's: the residual
@@ -353,14 +356,24 @@ class _RoundOff(eqx.Module):
         return jax.lax.stop_gradient(jnp.where(jnp.isfinite(scale), scale, 1))
 
 
-def _round_off(model, rhs, eta, atol) -> _RoundOff:
-    model, rhs, eta = jax.lax.stop_gradient((model, rhs, eta))  # no tangents traced
+def _tendency(model, correction, v):
+    f = model.tendency(v)
+    return f if correction is None else f + correction(v)
+
+
+def _round_off(model, correction, rhs, eta, atol) -> _RoundOff:
+    # No tangents traced (of the correction, its arrays: it may hold functions).
+    model, rhs, eta = jax.lax.stop_gradient((model, rhs, eta))
+    params, static = eqx.partition(correction, eqx.is_inexact_array)
+    correction = eqx.combine(jax.lax.stop_gradient(params), static)
     # A fixed broadband pattern in [-1, 1) from the grid index (a hash, not a PRNG:
     # threefry in every stage solve costs a third more compilation).
     index = jnp.arange(rhs.size, dtype=rhs.dtype).reshape(rhs.shape)
     hashed = jnp.sin(index * 12.9898) * 43758.5453
     probe = 2 * (hashed - jnp.floor(hashed)) - 1
-    _, stiff = jax.jvp(model.tendency, (rhs,), (probe,))
+    # (the learned correction's stiffness counts too: the stage solves `v - eta
+    # (f(v) + c(v)) = rhs`)
+    _, stiff = jax.jvp(lambda v: _tendency(model, correction, v), (rhs,), (probe,))
     relative = 10 * jnp.finfo(rhs.dtype).eps * (1 + jnp.max(jnp.abs(eta * stiff)))
     # (a non-finite probe, e.g. a blown-up state: no floor; the solve fails anyway)
     relative = jnp.where(jnp.isfinite(relative), relative, 0)
@@ -371,7 +384,5 @@ def _round_off(model, rhs, eta, atol) -> _RoundOff:
 def _stage_residual(z, args):
     model, correction, rhs, eta, round_off = args
     v = model.preconditioner(z, eta)
-    f = model.tendency(v)
-    if correction is not None:
-        f = f + correction(v)
+    f = _tendency(model, correction, v)
     return (v - eta * f - rhs) / round_off.residual_scale(v)

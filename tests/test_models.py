@@ -320,15 +320,18 @@ def test_float32_default_tolerances_are_reachable(scheme, boundary):
 
 
 @pytest.mark.parametrize(
-    "dtype,units,stiffness,tol",
+    "dtype,units,stiffness,learned,tol",
     [
-        ("float32", 300.0, 0.4, 2e-6),
-        ("float32", 1.0, 6.6, 1e-5),
-        ("float32", 1.0, 100.0, 1e-5),
-        ("float64", 300.0, 400.0, 1e-12),
+        ("float32", 300.0, 0.4, 0.0, 2e-6),
+        ("float32", 1.0, 6.6, 0.0, 1e-5),
+        ("float32", 1.0, 100.0, 0.0, 1e-5),
+        ("float64", 300.0, 400.0, 0.0, 1e-12),
+        ("float32", 1.0, 100.0, 0.99, 1e-5),
     ],
 )
-def test_newton_converges_in_large_units_and_stiff_stages(dtype, units, stiffness, tol):
+def test_newton_converges_in_large_units_and_stiff_stages(
+    dtype, units, stiffness, learned, tol
+):
     """Backward Euler on a kappa field with a state in large units (300: kelvin), a
     stiff stage (`eta kappa / dx^2` = 6.6, as 128^2 at the bundled model's dt; 100,
     as 512^2) and a source that changes sign: Newton's tests are floored at the
@@ -338,7 +341,9 @@ def test_newton_converges_in_large_units_and_stiff_stages(dtype, units, stiffnes
     its iteration cap (each case fails without its floor: float32 at 6.6 and in
     kelvin on the residual test, at 100 on the step test where the state crosses
     zero, float64 in kelvin at 400 on the residual test). Measured errors: 2-6e-7
-    (float32), 8e-14 (float64)."""
+    (float32), 8e-14 (float64). `learned`: that share of the diffusivity in a
+    learned correction added to the tendency instead of the model, whose stiffness
+    the floor counts too (the case fails where it probes the model alone)."""
     grid = sim.Grid((16, 16), (1.0, 1.0))
     y, x = grid.mesh()
     kappa = 0.02 * jnp.exp(0.4 * jnp.sin(2 * np.pi * x) * jnp.cos(2 * np.pi * y))
@@ -347,12 +352,17 @@ def test_newton_converges_in_large_units_and_stiff_stages(dtype, units, stiffnes
     u0 = units + jnp.sin(2 * np.pi * x) * jnp.cos(4 * np.pi * y)
     n_steps = 8
 
-    def model(dtype):
+    def model(dtype, share=1.0):
         cast = (a.astype(dtype) for a in (kappa, source))
-        return sim.AdvectionDiffusion(grid, next(cast), [0.1, 0.2], next(cast))
+        return sim.AdvectionDiffusion(grid, share * next(cast), [0.1, 0.2], next(cast))
 
     with jax.enable_x64(dtype == "float64"):
-        simulator = sim.Simulator(model(dtype), sim.backward_euler(), dt)
+        correction = None
+        if learned:  # a diffusion: the model's tendency without advection or source
+            share = learned * kappa.astype(dtype)
+            correction = sim.AdvectionDiffusion(grid, share, [0.0, 0.0]).linear
+        scheme = sim.backward_euler()
+        simulator = sim.Simulator(model(dtype, 1 - learned), scheme, dt, correction)
         states, info = jax.jit(
             lambda: simulator.rollout(u0.astype(dtype), n_steps, with_info=True)
         )()
