@@ -26,7 +26,10 @@ the process's peak resident memory on a CPU, which has no device statistics).
 
 `python benchmarks/bench_accelerator.py` picks its sizes by backend: on a GPU
 windows at 32, 128 and 512, gradients at 256-2048 (about 5 minutes on one GPU); on a
-CPU windows at 32 and 64, gradients at 64-256. `--json FILE` also writes the table.
+CPU windows at 32 and 64, gradients at 64-256. `--json FILE` also writes the table,
+rewritten after every row, so that a run stopped part-way (a device session's time
+limit) keeps what it measured; `--budget-s S` starts no size or section after S
+seconds and lists what it left out as skipped.
 """
 
 import argparse
@@ -70,6 +73,35 @@ def peak_memory_mib() -> float:
     if stats and "peak_bytes_in_use" in stats:
         return stats["peak_bytes_in_use"] / 2**20
     return peak_rss_mib()
+
+
+class Progress:
+    """The results as they come: each row printed and the JSON (if any) rewritten
+    at once; a size or section not started once `budget_s` seconds have passed is
+    recorded in `found["skipped"]`."""
+
+    def __init__(self, found: dict, path: Path | None, budget_s: float | None):
+        self.found, self.path, self.budget_s = found, path, budget_s
+        self.start = time.perf_counter()
+
+    def add(self, section: str, row: dict) -> None:
+        row["peak_mib"] = peak_memory_mib()
+        self.found.setdefault(section, []).append(row)
+        print(f"{section}: {row}", flush=True)
+        self.save()
+
+    def allows(self, what: str) -> bool:
+        spent = time.perf_counter() - self.start
+        if self.budget_s is None or spent < self.budget_s:
+            return True
+        self.found.setdefault("skipped", []).append(what)
+        print(f"skipped ({spent:.0f} s > --budget-s {self.budget_s:g}): {what}")
+        self.save()
+        return False
+
+    def save(self) -> None:
+        if self.path is not None:
+            write_json(self.found, self.path)
 
 
 def _median_time(fn, *args, repeats: int = 3) -> float:
@@ -148,9 +180,10 @@ def host_driven(analyser, problem, window, background, steps: int):
     return run
 
 
-def section_windows(sizes, repeats: int) -> list[dict]:
-    rows = []
+def section_windows(sizes, repeats: int, progress: Progress) -> None:
     for n in sizes:
+        if not progress.allows(f"windows {n}^2"):
+            continue
         analyser, problem, window, background = main_job_window(n)
         solve = eqx.filter_jit(lambda w, b, a=analyser, p=problem: a(p, w, b))
         t0 = time.perf_counter()
@@ -168,7 +201,8 @@ def section_windows(sizes, repeats: int) -> list[dict]:
         truth = window.truth[0]
         rmse = float(jnp.sqrt(jnp.mean((analysis.initial_state - truth) ** 2)))
         before = float(jnp.sqrt(jnp.mean((background - truth) ** 2)))
-        rows.append(
+        progress.add(
+            "windows",
             {
                 "grid": n,
                 "outer_iterations": steps,
@@ -179,19 +213,17 @@ def section_windows(sizes, repeats: int) -> list[dict]:
                 "host_driven_max_difference": gap,
                 "rmse_background": before,
                 "rmse_analysis": rmse,
-                "peak_mib": peak_memory_mib(),
-            }
+            },
         )
-        print(f"windows {n}: {rows[-1]}", flush=True)
-    return rows
 
 
 # ----------------------------------------------------------------- gradients
 
 
-def section_gradients(sizes, repeats: int) -> list[dict]:
-    rows = []
+def section_gradients(sizes, repeats: int, progress: Progress) -> None:
     for n in sizes:
+        if not progress.allows(f"gradients {n}^2"):
+            continue
         for x64 in (False, True):
             with jax.enable_x64(x64):  # the model's constants in that precision too
                 grid = sim.Grid((n, n), (1.0, 1.0))
@@ -202,7 +234,7 @@ def section_gradients(sizes, repeats: int) -> list[dict]:
                 fwd, loss, steps = _ours(simulator)
                 label = f"{'f64' if x64 else 'f32'} Burgers BE Newton-GMRES"
                 row = measure("burgers2d", n, label, fwd, loss, u0, repeats, steps)
-                rows.append(row | krylov_per_step(burgers, dt, u0))
+                progress.add("gradients", row | krylov_per_step(burgers, dt, u0))
         for x64 in (False, True):
             with jax.enable_x64(x64):
                 ns = sim.NavierStokes2D(n, nu=1e-3, alpha=0.0, amplitude=0.0)
@@ -214,17 +246,15 @@ def section_gradients(sizes, repeats: int) -> list[dict]:
                 fwd, loss, _ = _ours(simulator)
                 label = f"{'f64' if x64 else 'f32'} Navier-Stokes IMEX ARS(2,2,2)"
                 row = measure("navier-stokes2d", n, label, fwd, loss, u0, repeats)
-                rows.append(row)
-        for row in rows[-4:]:
-            row["peak_mib"] = peak_memory_mib()
-            print(f"gradients {n}: {row}", flush=True)
-    return rows
+                progress.add("gradients", row)
 
 
 # ---------------------------------------------------------------- throughput
 
 
-def section_throughput(n_windows: int, train_steps: int, n: int) -> list[dict]:
+def section_throughput(
+    n_windows: int, train_steps: int, n: int, progress: Progress
+) -> None:
     from assim import (
         TrainSettings,
         Variational,
@@ -239,7 +269,10 @@ def section_throughput(n_windows: int, train_steps: int, n: int) -> list[dict]:
     # Steps stable on the first window, as assim-train starts them.
     first = jax.tree.map(lambda a: a[0], data.obs)
     net = net.with_stable_steps(problem, first, data.background[0])
-    rows = []
+
+    def add(row):
+        progress.add("throughput", {"grid": n} | row)
+
     settings = TrainSettings(
         steps=train_steps, batch_size=min(8, n_windows), validate_every=0,
         checkpoint_every=0,
@@ -251,7 +284,7 @@ def section_throughput(n_windows: int, train_steps: int, n: int) -> list[dict]:
         net = train(net, problem, data, settings, checkpoint=path, on_step=on_step)[0]
     # The first step compiles: the rate is over the later ones.
     seconds = (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
-    rows.append(
+    add(
         {
             "method": f"training (batches of {settings.batch_size}, after the first "
             "step)",
@@ -271,7 +304,7 @@ def section_throughput(n_windows: int, train_steps: int, n: int) -> list[dict]:
 
     jax.block_until_ready(map_windows(analyse, model, data))  # compile
     seconds = _median_time(lambda: map_windows(analyse, model, data))
-    rows.append(
+    add(
         {
             "method": f"unrolled network, {net.n_layers} layers",
             "windows_per_s": data.size / seconds,
@@ -288,29 +321,25 @@ def section_throughput(n_windows: int, train_steps: int, n: int) -> list[dict]:
 
     jax.block_until_ready(run_4dvar())  # compile
     seconds = _median_time(run_4dvar, repeats=1)
-    rows.append(
+    add(
         {
             "method": "4D-Var, 5 Gauss-Newton x 20 CG, batches of 16",
             "windows_per_s": data.size / seconds,
             "rmse": rmse(run_4dvar()),
         }
     )
-    rows.append({"method": "background", "rmse": rmse(data.background)})
-    for row in rows:
-        row["grid"] = n
-        row["peak_mib"] = peak_memory_mib()
-        print(f"throughput: {row}", flush=True)
-    return rows
+    add({"method": "background", "rmse": rmse(data.background)})
 
 
 # ----------------------------------------------------------------------- cli
 
 
-def section_cli() -> list[dict]:
-    rows = []
+def section_cli(progress: Progress) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"
         for label in ("empty cache", "warm cache"):
+            if not progress.allows(f"cli, {label}"):
+                continue
             out = Path(tmp) / label.replace(" ", "_")
             command = [
                 sys.executable,
@@ -323,7 +352,8 @@ def section_cli() -> list[dict]:
             subprocess.run(command, check=True, capture_output=True, env=os.environ)
             wall = time.perf_counter() - t0
             metrics = json.loads((out / "metrics.json").read_text())
-            rows.append(
+            progress.add(
+                "cli",
                 {
                     "run": label,
                     "wall_s": wall,
@@ -332,10 +362,8 @@ def section_cli() -> list[dict]:
                     "cache_hits": metrics["compilation"]["cache_hits"],
                     "rmse": metrics["rmse_truth"],
                     "kappa_rel_l2": metrics["parameters"]["kappa"]["relative_l2_error"],
-                }
+                },
             )
-            print(f"cli: {rows[-1]}", flush=True)
-    return rows
 
 
 # --------------------------------------------------------------------- table
@@ -381,7 +409,7 @@ def print_tables(found: dict) -> None:
                 f"{_f(r.get('krylov_forward'), '.0f')} | "
                 f"{_f(r.get('krylov_transpose'), '.0f')} | {r['peak_mib']:.0f} |"
             )
-    if "throughput" in found:
+    if found.get("throughput"):
         n = found["throughput"][0]["grid"]
         print(f"\n| {n}^2 windows | windows/s | RMSE (initial state) | peak MiB |")
         print("|---|---|---|---|")
@@ -402,6 +430,8 @@ def print_tables(found: dict) -> None:
                 f"{r['programs']} ({r['cache_hits']}) | "
                 f"{r['rmse']:.4f} | {r['kappa_rel_l2']:.4f} |"
             )
+    if found.get("skipped"):
+        print(f"\nskipped (--budget-s): {', '.join(found['skipped'])}")
 
 
 def write_json(found: dict, path: Path) -> None:
@@ -418,17 +448,17 @@ def run(args) -> dict:
         [256, 512, 1024, 2048] if gpu else [64, 128, 256]
     )
     found = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "steps": N_STEPS}
+    progress = Progress(found, args.json, args.budget_s)
     only = set(args.only or SECTIONS)
     if "windows" in only:
-        found["windows"] = section_windows(window_sizes, args.repeats)
+        section_windows(window_sizes, args.repeats, progress)
     if "gradients" in only:
-        found["gradients"] = section_gradients(gradient_sizes, args.repeats)
-    if "throughput" in only:
-        found["throughput"] = section_throughput(
-            args.windows, args.train_steps, args.throughput_grid
-        )
+        section_gradients(gradient_sizes, args.repeats, progress)
+    if "throughput" in only and progress.allows("throughput"):
+        grid = args.throughput_grid
+        section_throughput(args.windows, args.train_steps, grid, progress)
     if "cli" in only:
-        found["cli"] = section_cli()
+        section_cli(progress)
     return found
 
 
@@ -442,6 +472,7 @@ def main(argv=None):
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--throughput-grid", type=int, default=64)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--budget-s", type=float)
     args = parser.parse_args(argv)
     with jax.enable_x64(False):  # float32 (the f64 rows switch it on themselves)
         found = run(args)

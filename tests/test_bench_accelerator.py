@@ -22,16 +22,28 @@ def bench():
         sys.path.remove(str(ROOT / "benchmarks"))
 
 
+def _rows(found: dict) -> int:
+    sections = ("windows", "gradients", "throughput", "cli")
+    return sum(len(found.get(k, [])) for k in sections)
+
+
 def test_accelerator_benchmark_measures_windows_gradients_and_throughput(
-    bench, tmp_path, capsys
+    bench, tmp_path, capsys, monkeypatch
 ):
     out = tmp_path / "accelerator.json"
+    written = []  # the rows in the JSON at each write
+    write = bench.write_json
+    monkeypatch.setattr(
+        bench, "write_json", lambda f, p: (written.append(_rows(f)), write(f, p))
+    )
     argv = ["--only", "windows", "gradients", "throughput", "--window-sizes", "12"]
     argv += ["--gradient-sizes", "16", "--repeats", "1", "--windows", "2"]
     argv += ["--throughput-grid", "16"]
     bench.main([*argv, "--train-steps", "2", "--json", str(out)])
     found = json.loads(out.read_text())
     assert not list(tmp_path.glob("*.tmp"))
+    # Rewritten after every row (a run stopped part-way keeps them), then at the end.
+    assert written == [*range(1, _rows(found) + 1), _rows(found)]
     printed = capsys.readouterr().out
     assert "| grid | GN iterations |" in printed and "| 16^2 windows |" in printed
 
@@ -58,3 +70,15 @@ def test_accelerator_benchmark_measures_windows_gradients_and_throughput(
         assert row["windows_per_s"] > 0 and row["peak_mib"] > 0
     assert var4d["rmse"] < background["rmse"]
     assert network["rmse"] < background["rmse"]  # stable steps: no blow-up
+
+
+def test_accelerator_benchmark_budget_skips_what_it_has_no_time_for(bench, tmp_path):
+    """`--budget-s`: no size or section starts once the budget is spent; what was
+    left out is listed in the table and the JSON."""
+    out = tmp_path / "accelerator.json"
+    argv = ["--only", "windows", "throughput", "cli", "--window-sizes", "12", "16"]
+    found = bench.main([*argv, "--budget-s", "0", "--json", str(out)])
+    skipped = ["windows 12^2", "windows 16^2", "throughput"]
+    assert found["skipped"] == [*skipped, "cli, empty cache", "cli, warm cache"]
+    assert json.loads(out.read_text()) == found
+    assert "windows" not in found and "throughput" not in found
