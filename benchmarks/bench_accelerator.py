@@ -343,6 +343,7 @@ def section_cli(progress: Progress) -> None:
             out = Path(tmp) / label.replace(" ", "_")
             command = [
                 sys.executable,
+                "-P",  # the installed package, not a source tree in the working dir
                 "-m",
                 "assim._cli.run",
                 f"hydra.run.dir={out}",
