@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -48,13 +47,10 @@ N_TIMES, INTERVAL = 5, 5
 
 
 def peak_rss_mib() -> float:
-    """The process's peak resident set size so far: Linux's `VmHWM` (which starts
-    afresh at `exec`, unlike `ru_maxrss`, which a child inherits from its parent)."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(status.split("VmHWM:")[1].split()[0]) / 1024
-    except (OSError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The process's peak resident memory (what `assim-run` reports)."""
+    from assim._cli.common import peak_host_memory_mib
+
+    return peak_host_memory_mib()
 
 
 def print_table(title, header, rows):

@@ -141,6 +141,13 @@ def test_data_then_run_end_to_end(tmp_path):
     assert metrics["parameters"]["kappa"]["units"] == "length2 time-1"
     assert "relative_l2_error" in metrics["parameters"]["kappa"]
     assert metrics["method"]["analyser"]["solver"]["_target_"] == "assim.incremental"
+    # Where it ran: the backend, its devices, the precision asked for, peak memory.
+    runtime = metrics["runtime"]
+    assert runtime["backend"] == "cpu" and runtime["devices"] >= 1, runtime
+    assert runtime["device_kind"] and runtime["jax"] and runtime["processes"] == 1
+    assert runtime["float64"] is True and runtime["peak_host_memory_mib"] > 0
+    peak = runtime["peak_device_memory_mib"]
+    assert peak is None or peak > 0  # None: a backend without device statistics
     # The same windows as independent problems, all at once (method.cycle=false).
     run = _app(
         "run",
@@ -408,6 +415,7 @@ def test_train_resume_then_run_unrolled(tmp_path):
     # callback: the training programs raise nothing inside, the run stops on a
     # non-finite loss on the host), and the resumed run loads most from it.
     compiled = _summary(first)["compilation"]
+    assert _summary(first)["runtime"]["float64"] is False  # assim-train's default
     stored = len(list((tmp_path / "cache").glob("*-cache")))
     assert stored == compiled["programs"] - compiled["cache_hits"] > 10
     resumed = _app("train", tmp_path, *small, "training.steps=3", "resume=true", cache)

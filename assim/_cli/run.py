@@ -56,6 +56,7 @@ from .common import (
     log,
     method_names,
     run_app,
+    runtime_summary,
 )
 
 
@@ -409,6 +410,7 @@ def _finish(
             "observations_rejected": int(sum(rejected)),
             "steering": [violations[i] for i in sorted(violations)],
             "compilation": COMPILE_STATS.summary(),
+            "runtime": runtime_summary(),
         }
         if "refinement_from_guess" in summaries[0].diagnostics:  # method=hybrid
             # How many windows the refinement started from the guess's (the

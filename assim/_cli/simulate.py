@@ -89,7 +89,7 @@ def run(cfg: DictConfig) -> dict:
     """Run one simulation from a composed config; returns the metrics."""
     import jax.numpy as jnp
 
-    from assim._cli.common import COMPILE_STATS
+    from assim._cli.common import COMPILE_STATS, runtime_summary
     from assim._config import build_simulator
     from assim._io import write_json, write_netcdf
 
@@ -127,6 +127,7 @@ def run(cfg: DictConfig) -> dict:
         "max_abs_state": float(jnp.max(jnp.abs(trajectory))),
         "dtype": str(trajectory.dtype),
         "compilation": COMPILE_STATS.summary(),
+        "runtime": runtime_summary(),
     }
     write_json(metrics, out / "metrics.json")
     if cfg.plot:

@@ -28,7 +28,14 @@ from assim._config import (
 )
 from assim._stream import split_windows, stream_windows, window_labels
 
-from .common import COMPILE_STATS, TRAIN_SETTINGS, check_writable, log, run_app
+from .common import (
+    COMPILE_STATS,
+    TRAIN_SETTINGS,
+    check_writable,
+    log,
+    run_app,
+    runtime_summary,
+)
 from .run import open_data
 
 
@@ -142,6 +149,7 @@ def _train(cfg: DictConfig) -> dict:
         ),
         "wall_time_s": time.perf_counter() - t0,
         "compilation": COMPILE_STATS.summary(),
+        "runtime": runtime_summary(),
     }
     if parameter is not None:
         value = np.asarray(parameter.value(trained.theta))
