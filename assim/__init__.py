@@ -115,6 +115,7 @@ from ._problem import WindowProblem as WindowProblem
 from ._problem import bounded_log as bounded_log
 from ._proximal import ADMM as ADMM
 from ._proximal import ProximalGradient as ProximalGradient
+from ._runtime import runtime_summary as runtime_summary
 from ._stream import WindowStream as WindowStream
 from ._stream import archive_files as archive_files
 from ._stream import open_archive as open_archive

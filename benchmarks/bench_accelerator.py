@@ -49,7 +49,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_scale import advection_diffusion, peak_rss_mib, random_windows, unrolled_net  # noqa: E402
+from bench_scale import advection_diffusion, random_windows, unrolled_net  # noqa: E402
 from bench_simulators import (  # noqa: E402
     N_STEPS,
     _initial_state,
@@ -58,6 +58,7 @@ from bench_simulators import (  # noqa: E402
     measure,
 )
 
+import assim  # noqa: E402
 import simulators as sim  # noqa: E402
 
 SECTIONS = ("windows", "gradients", "throughput", "cli")
@@ -69,10 +70,8 @@ def on_accelerator() -> bool:
 
 def peak_memory_mib() -> float:
     """The device's peak allocation (GPU/TPU), else the process's peak RSS."""
-    stats = jax.devices()[0].memory_stats()
-    if stats and "peak_bytes_in_use" in stats:
-        return stats["peak_bytes_in_use"] / 2**20
-    return peak_rss_mib()
+    runtime = assim.runtime_summary()
+    return runtime["peak_device_memory_mib"] or runtime["peak_host_memory_mib"]
 
 
 class Progress:

@@ -47,10 +47,10 @@ N_TIMES, INTERVAL = 5, 5
 
 
 def peak_rss_mib() -> float:
-    """The process's peak resident memory (what `assim-run` reports)."""
-    from assim._cli.common import peak_host_memory_mib
+    """The process's peak resident memory (`assim.runtime_summary`'s)."""
+    import assim
 
-    return peak_host_memory_mib()
+    return assim.runtime_summary()["peak_host_memory_mib"]
 
 
 def print_table(title, header, rows):

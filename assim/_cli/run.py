@@ -48,6 +48,7 @@ from assim._config import (
 )
 from assim._io import write_json, write_netcdf
 from assim._observations import observation_interval, time_values, window_starts
+from assim._runtime import runtime_summary
 
 from .common import (
     COMPILE_STATS,
@@ -56,7 +57,6 @@ from .common import (
     log,
     method_names,
     run_app,
-    runtime_summary,
 )
 
 

@@ -89,9 +89,10 @@ def run(cfg: DictConfig) -> dict:
     """Run one simulation from a composed config; returns the metrics."""
     import jax.numpy as jnp
 
-    from assim._cli.common import COMPILE_STATS, runtime_summary
+    from assim._cli.common import COMPILE_STATS
     from assim._config import build_simulator
     from assim._io import write_json, write_netcdf
+    from assim._runtime import runtime_summary
 
     out = Path(HydraConfig.get().runtime.output_dir)
     simulator, _ = build_simulator(cfg.simulator)

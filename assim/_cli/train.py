@@ -26,6 +26,7 @@ from assim._config import (
     network_header,
     training_settings,
 )
+from assim._runtime import runtime_summary
 from assim._stream import split_windows, stream_windows, window_labels
 
 from .common import (
@@ -34,7 +35,6 @@ from .common import (
     check_writable,
     log,
     run_app,
-    runtime_summary,
 )
 from .run import open_data
 
