@@ -324,15 +324,15 @@ class _RoundOff(eqx.Module):
     `relative` is ten times `eps (1 + eta |J_f|)`, `|J_f|` (of the tendency plus
     the learned correction, whose stiffness the model's preconditioner does not
     know of either) probed once per solve by one Jacobian-vector product with a
-    fixed pseudo-random vector. Newton's
-    `rtol` is floored at `relative`, its `atol` at `relative` times the state's
-    size (the right-hand side's largest entry, at least 1), and its residual test
-    at `relative` times the larger of that size and the iterate's: the residual
-    is divided by a constant (per iterate) that moves this floor onto Newton's
-    `atol`, which leaves its steps and root unchanged, and so the gradient. Where
-    the round-off is below the tolerances nothing changes. No derivative flows
-    through it. (The derivative solves test a residual relative to their
-    right-hand side, `ScaleInvariant`, and reached it in every case tried.)
+    fixed pseudo-random vector. Newton's `rtol` is floored at `relative`, its
+    `atol` at `relative` times the state's size (the right-hand side's largest
+    entry, at least 1), and its residual test at `relative` times the larger of
+    that size and the iterate's: the residual is divided by a constant (per
+    iterate) that moves this floor onto Newton's `atol`, which leaves its steps
+    and root unchanged, and so the gradient. Where the round-off is below the
+    tolerances nothing changes. No derivative flows through it. (The derivative
+    solves test a residual relative to their right-hand side, `ScaleInvariant`,
+    and reached it in every case tried.)
     """
 
     relative: Array

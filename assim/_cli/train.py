@@ -29,13 +29,7 @@ from assim._config import (
 from assim._runtime import runtime_summary
 from assim._stream import split_windows, stream_windows, window_labels
 
-from .common import (
-    COMPILE_STATS,
-    TRAIN_SETTINGS,
-    check_writable,
-    log,
-    run_app,
-)
+from .common import COMPILE_STATS, TRAIN_SETTINGS, check_writable, log, run_app
 from .run import open_data
 
 
