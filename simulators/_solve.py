@@ -362,17 +362,14 @@ def _tendency(model, correction, v):
 
 
 def _round_off(model, correction, rhs, eta, atol) -> _RoundOff:
-    # No tangents traced (of the correction, its arrays: it may hold functions).
-    model, rhs, eta = jax.lax.stop_gradient((model, rhs, eta))
-    params, static = eqx.partition(correction, eqx.is_inexact_array)
-    correction = eqx.combine(jax.lax.stop_gradient(params), static)
+    # No tangents traced (of the arrays only: a learned correction holds functions).
+    arrays, static = eqx.partition((model, correction, rhs, eta), eqx.is_inexact_array)
+    model, correction, rhs, eta = eqx.combine(jax.lax.stop_gradient(arrays), static)
     # A fixed broadband pattern in [-1, 1) from the grid index (a hash, not a PRNG:
     # threefry in every stage solve costs a third more compilation).
     index = jnp.arange(rhs.size, dtype=rhs.dtype).reshape(rhs.shape)
     hashed = jnp.sin(index * 12.9898) * 43758.5453
     probe = 2 * (hashed - jnp.floor(hashed)) - 1
-    # (the learned correction's stiffness counts too: the stage solves `v - eta
-    # (f(v) + c(v)) = rhs`)
     _, stiff = jax.jvp(lambda v: _tendency(model, correction, v), (rhs,), (probe,))
     relative = 10 * jnp.finfo(rhs.dtype).eps * (1 + jnp.max(jnp.abs(eta * stiff)))
     # (a non-finite probe, e.g. a blown-up state: no floor; the solve fails anyway)

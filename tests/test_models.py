@@ -359,8 +359,8 @@ def test_newton_converges_in_large_units_and_stiff_stages(
     with jax.enable_x64(dtype == "float64"):
         correction = None
         if learned:  # a diffusion: the model's tendency without advection or source
-            share = learned * kappa.astype(dtype)
-            correction = sim.AdvectionDiffusion(grid, share, [0.0, 0.0]).linear
+            kappa_learned = learned * kappa.astype(dtype)
+            correction = sim.AdvectionDiffusion(grid, kappa_learned, [0.0, 0.0]).linear
         scheme = sim.backward_euler()
         simulator = sim.Simulator(model(dtype, 1 - learned), scheme, dt, correction)
         states, info = jax.jit(
