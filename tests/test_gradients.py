@@ -277,7 +277,7 @@ def _burgers_2d(solver, n=16):
 
 def test_krylov_counter_tallies_forward_tangent_and_transpose_solves():
     """One forward Krylov solve per Newton step, one tangent solve per stage under
-    `jvp`, one transpose solve per stage under `grad`; GMRES(10) iterations in whole
+    `jvp`, one transpose solve per stage under `grad`; GMRES(5) iterations in whole
     restart cycles."""
     counter = sim.KrylovCounter()
     simulator = _burgers_2d(sim.NewtonKrylov(counter=counter))
@@ -285,7 +285,7 @@ def test_krylov_counter_tallies_forward_tangent_and_transpose_solves():
     _, info = simulator.rollout(u0, 4, with_info=True)
     forward = counter.totals()["forward"]
     assert forward["solves"] == int(jnp.sum(info["newton_steps"])) > 4
-    assert forward["iterations"] % 10 == 0 and forward["iterations"] > 0
+    assert forward["iterations"] % 5 == 0 and forward["iterations"] > 0
     counter.reset()
     jax.jvp(lambda u: simulator.rollout(u, 4)[-1], (u0,), (u0,))
     assert counter.totals()["tangent"]["solves"] == 4
@@ -294,7 +294,7 @@ def test_krylov_counter_tallies_forward_tangent_and_transpose_solves():
     jax.grad(lambda u: jnp.sum(simulator.rollout(u, 4)[-1] ** 2))(u0)
     totals = counter.totals()
     assert totals["transpose"]["solves"] == 4 and "tangent" not in totals
-    assert counter.iterations_per_solve()["transpose"] >= 10
+    assert counter.iterations_per_solve()["transpose"] >= 5
 
 
 def test_default_adjoint_tolerance_keeps_the_adjoint_exact_enough(getkey):
