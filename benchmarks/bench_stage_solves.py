@@ -12,7 +12,10 @@ by GMRES(20) before. Both run here side by side: the same model with
 the initial state and the diffusivity field, and the largest difference between
 the two solvers' final states and diffusivity gradients relative to their size
 (both solve to the same tolerance). Backward Euler (Newton-Krylov, GMRES on the
-non-symmetric stage Jacobian) is the reference row.
+non-symmetric stage Jacobian) is the reference row, with its default GMRES restart
+length (5) and with 10 (the default before 2026-12-07): lineax tests GMRES's
+convergence once per restart cycle, so the restart length sets how many whole
+cycles a solve pays for.
 
 Run: `python benchmarks/bench_stage_solves.py [--sizes 32 64 128] [--repeats 5]`.
 """
@@ -28,6 +31,7 @@ from bench_simulators import _timeit
 import simulators as sim
 
 N_STEPS = 40
+GROUP = 4  # rows per size and precision: CG, GMRES(20), backward Euler (restart 5, 10)
 
 
 class GMRESDiffusion(sim.AdvectionDiffusion):
@@ -65,10 +69,11 @@ def measure(model_type, scheme, n, dtype, repeats):
     }
 
 
-def _reference(n, dtype, repeats):
-    """Backward Euler with its defaults, or why it did not run."""
+def _reference(n, dtype, repeats, **solver_options):
+    """Backward Euler (its defaults but `solver_options`), or why it did not run."""
+    scheme = sim.backward_euler(sim.NewtonKrylov(**solver_options))
     try:
-        return measure(sim.AdvectionDiffusion, sim.backward_euler(), n, dtype, repeats)
+        return measure(sim.AdvectionDiffusion, scheme, n, dtype, repeats)
     except Exception as error:  # an error raised inside the compiled rollout
         lines = [line for line in str(error).splitlines() if "RuntimeError:" in line]
         return {"failed": (lines or [str(error)])[0].split("Error: ", 1)[-1]}
@@ -88,6 +93,7 @@ def run(sizes, repeats):
                 cg = measure(sim.AdvectionDiffusion, imex, n, dtype, repeats)
                 gmres = measure(GMRESDiffusion, imex, n, dtype, repeats)
                 be = _reference(n, dtype, repeats)
+                be10 = _reference(n, dtype, repeats, restart=10)
             precision = "f64" if x64 else "f32"
             for name, r in (("IMEX, CG", cg), ("IMEX, GMRES(20)", gmres)):
                 rows.append({"n": n, "precision": precision, "solver": name, **r})
@@ -95,9 +101,9 @@ def run(sizes, repeats):
             rows[-2]["gradient_difference"] = _relative(
                 cg["grad_kappa"], gmres["grad_kappa"]
             )
-            rows.append(
-                {"n": n, "precision": precision, "solver": "backward Euler", **be}
-            )
+            restarts = (("backward Euler", be), ("backward Euler, GMRES(10)", be10))
+            for name, r in restarts:
+                rows.append({"n": n, "precision": precision, "solver": name, **r})
             print(f"done {n} {precision}", flush=True)
     return rows
 
@@ -112,7 +118,7 @@ def print_table(rows):
             reason = f"failed: {r['failed'][:70]}"
             print(f"| {r['n']}^2 | {r['precision']} | {r['solver']} | {reason} | | |")
             continue
-        base = rows[i - (i % 3) + 1]  # the GMRES row of the same size and precision
+        base = rows[i - (i % GROUP) + 1]  # the GMRES row of this size and precision
         speedup = base["forward_s"] / r["forward_s"]
         print(
             f"| {r['n']}^2 | {r['precision']} | {r['solver']} | "
