@@ -47,7 +47,11 @@ class NewtonKrylov(eqx.Module):
       (`_RoundOff`: a stiff stage, a state in large units), where they would
       otherwise ask for more than the arithmetic holds.
     - `max_steps`: maximum Newton iterations.
-    - `krylov`: `"gmres"` or `"bicgstab"`.
+    - `krylov`: `"gmres"` or `"bicgstab"`. BiCGStab tests convergence at every
+      iteration (two Jacobian products each) but needs `jax_enable_x64` (any state
+      dtype): without it lineax tests breakdown by `rho, alpha, omega < 1e-16`,
+      which a negative value of these (valid for a non-symmetric stage) meets, and
+      the solve fails at random; it is refused there.
     - `krylov_tol`: relative tolerance of the inner Krylov solves (inexact Newton,
       Dembo, Eisenstat & Steihaug 1982): 1e-2 gains two digits per Newton step at a
       fraction of the cost of an exact solve.
@@ -116,6 +120,13 @@ class NewtonKrylov(eqx.Module):
 
         **Returns:** `(v, newton_steps)`.
         """
+        if self.krylov == "bicgstab" and not jax.config.jax_enable_x64:
+            raise ValueError(
+                "NewtonKrylov(krylov='bicgstab') needs jax_enable_x64 (the CLIs' "
+                "float64=true): without it lineax's BiCGStab takes a negative inner "
+                "product, a valid step on a non-symmetric stage, for a breakdown; "
+                "use krylov='gmres'"
+            )
         default = _tolerance(rhs.dtype)
         rtol = default if self.rtol is None else self.rtol
         atol = default if self.atol is None else self.atol

@@ -312,3 +312,32 @@ def test_default_adjoint_tolerance_keeps_the_adjoint_exact_enough(getkey):
         dataclasses.replace(simulator, scheme=sim.backward_euler(TIGHT))
     )
     assert tree_allclose(jax.grad(loss)(u0), jax.grad(tight)(u0), rtol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_bicgstab_stages_match_gmres(dtype):
+    """`NewtonKrylov(krylov="bicgstab")`: the same rollout and implicit gradient as
+    GMRES, to the solves' tolerance, for a float64 and a float32 state (x64 on,
+    as it must be: the next test), with its own iteration counts."""
+    found = {}
+    for kind in ("gmres", "bicgstab"):
+        counter = sim.KrylovCounter()
+        simulator = _burgers_2d(sim.NewtonKrylov(krylov=kind, counter=counter))
+        u0 = smooth_state(simulator.model.grid).astype(dtype)
+        found[kind] = jax.value_and_grad(_rollout_loss(simulator))(u0)
+        assert set(counter.totals()) == {"forward", "transpose"}
+    (v0, g0), (v1, g1) = found["gmres"], found["bicgstab"]
+    tol = 1e-8 if dtype == jnp.float64 else 1e-4
+    np.testing.assert_allclose(v1, v0, rtol=tol)
+    assert float(jnp.max(jnp.abs(g1 - g0)) / jnp.max(jnp.abs(g0))) < tol
+
+
+def test_bicgstab_without_x64_is_refused():
+    """Without `jax_enable_x64` lineax's BiCGStab reads a negative `rho`, `alpha` or
+    `omega` as a breakdown (a float32 main-job window failed on it): refused with a
+    message that names the switch and the alternative."""
+    with jax.enable_x64(False):  # the model's constants in float32 too
+        simulator = _burgers_2d(sim.NewtonKrylov(krylov="bicgstab"))
+        u0 = smooth_state(simulator.model.grid).astype(jnp.float32)
+        with pytest.raises(ValueError, match="jax_enable_x64.*krylov='gmres'"):
+            simulator.rollout(u0, 1)
