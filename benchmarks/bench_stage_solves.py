@@ -13,7 +13,7 @@ the initial state and the diffusivity field, and the largest difference between
 the two solvers' final states and diffusivity gradients relative to their size
 (both solve to the same tolerance). Backward Euler (Newton-Krylov, GMRES on the
 non-symmetric stage Jacobian) is the reference row, with its default GMRES restart
-length (5) and with 10 (the default before 2026-12-07): lineax tests GMRES's
+length (5) and with 10 (the default until f5d2c60): lineax tests GMRES's
 convergence once per restart cycle, so the restart length sets how many whole
 cycles a solve pays for.
 

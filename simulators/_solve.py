@@ -50,8 +50,8 @@ class NewtonKrylov(eqx.Module):
     - `krylov`: `"gmres"` or `"bicgstab"`. BiCGStab tests convergence at every
       iteration (two Jacobian products each) but needs `jax_enable_x64` (any state
       dtype): without it lineax tests breakdown by `rho, alpha, omega < 1e-16`,
-      which a negative value of these (valid for a non-symmetric stage) meets, and
-      the solve fails at random; it is refused there.
+      which a negative value of these (valid for a non-symmetric stage) meets: the
+      solve fails wherever one turns negative, so it is refused there.
     - `krylov_tol`: relative tolerance of the inner Krylov solves (inexact Newton,
       Dembo, Eisenstat & Steihaug 1982): 1e-2 gains two digits per Newton step at a
       fraction of the cost of an exact solve.

@@ -1,5 +1,7 @@
 """Models against independent references, stability, and the structured solves."""
 
+import contextlib
+
 import diffrax
 import equinox as eqx
 import jax
@@ -382,3 +384,43 @@ def test_newton_converges_in_large_units_and_stiff_stages(
     reference = np.stack(reference)
     error = np.max(np.abs(np.asarray(states[1:], np.float64) - reference))
     assert error / np.max(np.abs(reference)) < tol
+
+
+def test_eager_rollouts_compile_once():
+    """`Simulator.rollout` called outside `jit` compiles its program once per
+    simulator structure and shapes: a second call, or one with another diffusivity
+    or time step, compiles nothing; one inside `solves_without_raising` (read when
+    the stages are traced) is another program, compiled once too."""
+    compiles = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    grid = sim.Grid((16, 16), (1.0, 1.0))
+    kappa = 0.02 + 0.01 * smooth_state(grid)
+
+    def simulator(scale, dt):  # a kappa field: IMEX stages by CG (lineax solves)
+        model = sim.AdvectionDiffusion(grid, scale * kappa, [0.1, 0.2])
+        return sim.Simulator(model, sim.IMEXRungeKutta("ars222"), dt)
+
+    u0 = smooth_state(grid, seed=1)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        counts = []
+        for scale, dt, raising in [
+            (1.0, 0.02, True),
+            (1.0, 0.02, True),
+            (1.5, 0.03, True),
+            (1.0, 0.02, False),
+            (1.5, 0.02, False),
+        ]:
+            compiles.clear()
+            with contextlib.nullcontext() if raising else sim.solves_without_raising():
+                trajectory = simulator(scale, dt).rollout(u0, 3)
+            assert trajectory.shape == (4, 16, 16)
+            counts.append(len(compiles))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert counts[0] > 0 and counts[3] > 0, counts
+    assert counts[1] == counts[2] == counts[4] == 0, counts

@@ -161,7 +161,9 @@ def test_var3d_is_one_observation_time():
 
 def test_gauss_newton_matches_lbfgs_on_a_linear_problem():
     # Linear model and H: the cost is quadratic, Gauss-Newton's first outer loop is
-    # exact up to the CG tolerance, and both solvers find the same minimum.
+    # exact up to the CG tolerance, and both solvers find the same minimum. (How
+    # many more outer loops it takes to stop depends on rounding: at the minimum
+    # the line search can reject round-off-sized steps on rounding noise.)
     truth, obs, background, _ = _twin()
     problem = WindowProblem(truth, DiffusionCovariance(truth.model.grid, 0.3, 0.1), 2)
     c_lbfgs, _ = minimise(problem, obs, background, rtol=1e-9, atol=1e-9, max_steps=400)
@@ -173,7 +175,9 @@ def test_gauss_newton_matches_lbfgs_on_a_linear_problem():
         inner_steps=60,
         inner_rtol=1e-10,
     )
-    assert info.converged and info.steps <= 3, (info.steps, info.result)
+    assert info.converged, info.result
+    np.testing.assert_allclose(info.cost[1], info.cost[info.steps], rtol=1e-10)
+    assert info.cost[1] < 0.1 * info.cost[0]
     np.testing.assert_allclose(c_gn.v, c_lbfgs.v, atol=1e-5)
     assert info.grad_norm[-1] < 1e-6 * info.grad_norm[0]
 
