@@ -133,10 +133,9 @@ class Simulator(eqx.Module):
                 f"every must be a positive divisor of n_steps {n_steps}, got {every}"
             )
         n_steps, every = int(n_steps), int(every)
-        # (a 32^2 backward Euler rollout called again: ~1.5 s of tracing and
-        # compiling every call before, 5 ms now.) Whether solves raise is read when
-        # the stages are traced, so it is part of the cache key.
-        return _rollout(self, u0, n_steps, every, bool(with_info), _RAISING.get())
+        # Whether solves raise is read when the stages are traced: part of the key.
+        raising = _RAISING.get()
+        return _compiled_rollout(self, u0, n_steps, every, bool(with_info), raising)
 
     def _rollout(self, u0, n_steps: int, every: int, with_info: bool):
         u0 = self.model.check_state(u0, finite=self.check_finite)
@@ -203,5 +202,5 @@ class Simulator(eqx.Module):
 
 
 @eqx.filter_jit
-def _rollout(simulator: Simulator, u0, n_steps: int, every: int, with_info: bool, _):
+def _compiled_rollout(simulator: Simulator, u0, n_steps, every, with_info, _raising):
     return simulator._rollout(u0, n_steps, every, with_info)
