@@ -1,6 +1,7 @@
 """The model interface that every time-stepping scheme is written against."""
 
 import abc
+from collections.abc import Callable
 from typing import ClassVar
 
 import equinox as eqx
@@ -157,3 +158,10 @@ class AbstractSpectralModel(AbstractModel):
 def _tolerance(dtype) -> float:
     """Default solve tolerance for a dtype: loose enough to be reachable."""
     return 1e-11 if jnp.dtype(dtype) == jnp.float64 else 1e-5
+
+
+def corrected_tendency(model: AbstractModel, correction: Callable | None):
+    """`u -> f(u) + c(u)`: the tendency with a learned correction, if any."""
+    if correction is None:
+        return model.tendency
+    return lambda u: model.tendency(u) + correction(u)

@@ -12,7 +12,7 @@ import optimistix as optx
 from jaxtyping import Array, Int
 
 from ._linear import Counted, Inexact, KrylovCounter, ScaleInvariant
-from ._model import AbstractModel, _tolerance, is_concrete
+from ._model import AbstractModel, _tolerance, corrected_tendency, is_concrete
 
 
 def _krylov(kind: str, rtol: float, atol: float, max_steps: int, restart: int):
@@ -370,11 +370,6 @@ class _RoundOff(eqx.Module):
         return jax.lax.stop_gradient(jnp.where(jnp.isfinite(scale), scale, 1))
 
 
-def _tendency(model, correction, v):
-    f = model.tendency(v)
-    return f if correction is None else f + correction(v)
-
-
 def _round_off(model, correction, rhs, eta, atol) -> _RoundOff:
     # No tangents traced (of the arrays only: a learned correction holds functions).
     arrays, static = eqx.partition((model, correction, rhs, eta), eqx.is_inexact_array)
@@ -384,7 +379,7 @@ def _round_off(model, correction, rhs, eta, atol) -> _RoundOff:
     index = jnp.arange(rhs.size, dtype=rhs.dtype).reshape(rhs.shape)
     hashed = jnp.sin(index * 12.9898) * 43758.5453
     probe = 2 * (hashed - jnp.floor(hashed)) - 1
-    _, stiff = jax.jvp(lambda v: _tendency(model, correction, v), (rhs,), (probe,))
+    _, stiff = jax.jvp(corrected_tendency(model, correction), (rhs,), (probe,))
     relative = 10 * jnp.finfo(rhs.dtype).eps * (1 + jnp.max(jnp.abs(eta * stiff)))
     # (a non-finite probe, e.g. a blown-up state: no floor; the solve fails anyway)
     relative = jnp.where(jnp.isfinite(relative), relative, 0)
@@ -395,5 +390,5 @@ def _round_off(model, correction, rhs, eta, atol) -> _RoundOff:
 def _stage_residual(z, args):
     model, correction, rhs, eta, round_off = args
     v = model.preconditioner(z, eta)
-    f = _tendency(model, correction, v)
+    f = corrected_tendency(model, correction)(v)
     return (v - eta * f - rhs) / round_off.residual_scale(v)

@@ -44,10 +44,3 @@ class AbstractScheme(eqx.Module):
         """The scheme with its stage solver replaced (schemes without one: `self`)."""
         del solver
         return self
-
-
-def corrected_tendency(model: AbstractModel, correction: Callable | None):
-    """`u -> f(u) + c(u)`."""
-    if correction is None:
-        return model.tendency
-    return lambda u: model.tendency(u) + correction(u)

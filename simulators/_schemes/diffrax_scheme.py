@@ -2,7 +2,8 @@ import diffrax
 import equinox as eqx
 import jax.numpy as jnp
 
-from .base import AbstractScheme, corrected_tendency
+from .._model import corrected_tendency
+from .base import AbstractScheme
 
 
 class DiffraxScheme(AbstractScheme):

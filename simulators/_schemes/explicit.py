@@ -1,6 +1,7 @@
 import jax.numpy as jnp
 
-from .base import AbstractScheme, corrected_tendency
+from .._model import corrected_tendency
+from .base import AbstractScheme
 
 
 class RK4(AbstractScheme):

@@ -3,8 +3,9 @@ import dataclasses
 import equinox as eqx
 import jax.numpy as jnp
 
+from .._model import corrected_tendency
 from .._solve import NewtonKrylov
-from .base import AbstractScheme, corrected_tendency
+from .base import AbstractScheme
 
 
 class ThetaMethod(AbstractScheme):
